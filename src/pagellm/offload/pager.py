@@ -1,0 +1,655 @@
+"""LayerPager: brings tensor groups of a GGUF file into a fixed RAM budget as the forward pass needs them.
+
+The unit of residency is a *unit*: a GGUF tensor group (``blk.N``, ``globals``) or, for the token
+embedding and output head when they are larger than a block, a slice of their rows (``output@k``),
+so that no unit is larger than the largest block and a small budget still leaves room to stream.
+
+Replacement knows the order in which the decode step sweeps the units (``sweep_order``). Evicting the
+unit whose next use in that order is furthest away (Belady's rule on a cyclic sweep) keeps a stable
+resident subset and streams the rest; LRU, selectable for comparison, evicts exactly the unit the sweep
+needs next and so re-reads everything once the loop is larger than the budget.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES
+
+from pagellm.modelfile import GLOBALS, OUTPUT_HEAD, TOKEN_EMBEDDING, ModelFile
+from pagellm.offload.policy import AnyPolicy, NoOffload, PinnedHotSet, format_size
+from pagellm.offload.source import PAGE, FileSource, allocate_buffer
+
+ABSENT, LOADING, RESIDENT = 0, 1, 2
+REPLACEMENTS = ("auto", "lru")
+
+
+class PagerError(RuntimeError):
+    """The pager cannot do what was asked within its budget (the message gives the numbers)."""
+
+
+@dataclass(frozen=True)
+class Extent:
+    """A file range read into a unit's buffer at ``buffer_at``."""
+
+    file_offset: int
+    nbytes: int
+    buffer_at: int
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """Rows ``row_start:row_end`` of ``tensor``, found at ``buffer_offset`` in the unit's buffer."""
+
+    tensor: str
+    buffer_offset: int
+    nbytes: int
+    row_start: int
+    row_end: int
+
+
+@dataclass(frozen=True)
+class Unit:
+    """What the pager loads and evicts as one: its file extents and the tensor slices in them."""
+
+    name: str
+    group: str
+    extents: tuple[Extent, ...]
+    slices: tuple[TensorSlice, ...]
+    nbytes: int  # payload bytes (what the model needs)
+    capacity: int  # buffer bytes (aligned spans, whole pages): what residency costs
+
+    def slice_of(self, tensor: str) -> TensorSlice:
+        """The slice of ``tensor`` this unit holds."""
+        for s in self.slices:
+            if s.tensor == tensor:
+                return s
+        raise KeyError(f"unit {self.name} holds no part of tensor {tensor!r}")
+
+
+def _row_bytes(mf: ModelFile, tensor: str) -> int:
+    info = mf.tensors[tensor]
+    block_size, type_size = GGML_QUANT_SIZES[info.ggml_type]
+    return info.shape[0] // block_size * type_size
+
+
+def _n_rows(mf: ModelFile, tensor: str) -> int:
+    info = mf.tensors[tensor]
+    return int(np.prod(info.shape[1:])) if len(info.shape) > 1 else 1
+
+
+def _build_unit(mf: ModelFile, name: str, group: str, pieces: list[tuple[str, int, int, int]], alignment: int) -> Unit:
+    """Lay out ``pieces`` (tensor, file offset, bytes, rows) as extents in one buffer.
+
+    Pieces adjacent in the file (only alignment padding between them) share one extent and so one read.
+    """
+    pieces = sorted(pieces, key=lambda p: p[1])
+    runs: list[list[tuple[str, int, int, int, int]]] = []
+    for tensor, offset, nbytes, row_start in pieces:
+        row_end = row_start + nbytes // _row_bytes(mf, tensor)
+        if runs:
+            last = runs[-1][-1]
+            gap = offset - (last[1] + last[2])
+            if 0 <= gap < mf.alignment:
+                runs[-1].append((tensor, offset, nbytes, row_start, row_end))
+                continue
+        runs.append([(tensor, offset, nbytes, row_start, row_end)])
+    extents, slices, at = [], [], 0
+    for run in runs:
+        start = run[0][1]
+        end = run[-1][1] + run[-1][2]
+        a_start = start // alignment * alignment
+        a_end = -(-end // alignment) * alignment
+        extents.append(Extent(start, end - start, at))
+        for tensor, offset, nbytes, row_start, row_end in run:
+            slices.append(TensorSlice(tensor, at + offset - a_start, nbytes, row_start, row_end))
+        at += a_end - a_start
+    capacity = max(PAGE, -(-at // PAGE) * PAGE)
+    return Unit(name, group, tuple(extents), tuple(slices), sum(p[2] for p in pieces), capacity)
+
+
+def plan_units(mf: ModelFile, alignment: int) -> dict[str, list[Unit]]:
+    """Units per group: whole groups, except embedding/head tensors larger than a block, split by rows."""
+    block_sizes = [mf.group_bytes(g) for g in mf.block_groups]
+    max_part = max(block_sizes) if block_sizes else max((mf.group_bytes(g) for g in mf.groups), default=0)
+    units: dict[str, list[Unit]] = {}
+    for group in mf.groups:
+        info = mf.group(group)
+        splittable = group in (TOKEN_EMBEDDING, OUTPUT_HEAD) and len(info.tensor_names) == 1
+        if not splittable or info.nbytes <= max_part:
+            pieces = [(t, mf.tensors[t].offset, mf.tensors[t].nbytes, 0) for t in info.tensor_names]
+            units[group] = [_build_unit(mf, group, group, pieces, alignment)]
+            continue
+        tensor = info.tensor_names[0]
+        row_bytes, n_rows = _row_bytes(mf, tensor), _n_rows(mf, tensor)
+        rows_per_part = max(1, max_part // row_bytes)
+        base = mf.tensors[tensor].offset
+        parts = []
+        for k, r0 in enumerate(range(0, n_rows, rows_per_part)):
+            r1 = min(n_rows, r0 + rows_per_part)
+            piece = (tensor, base + r0 * row_bytes, (r1 - r0) * row_bytes, r0)
+            parts.append(_build_unit(mf, f"{group}@{k}", group, [piece], alignment))
+        units[group] = parts
+    return units
+
+
+@dataclass
+class PagerStats:
+    """Counters of one pager; ``reset()`` zeroes them (peak restarts from what is resident now)."""
+
+    acquires: int = 0
+    hits: int = 0
+    misses: int = 0
+    bytes_read: int = 0  # whole-unit loads: misses, completed prefetches, pinned loads
+    evictions: int = 0
+    prefetches_issued: int = 0
+    prefetches_completed: int = 0
+    prefetches_used: int = 0
+    prefetches_skipped: int = 0
+    stall_seconds: float = 0.0
+    resident_bytes: int = 0
+    peak_resident_bytes: int = 0
+    row_reads: int = 0  # single rows read straight from the file (token embeddings)
+    row_bytes_read: int = 0
+    reads_by_unit: collections.Counter = field(default_factory=collections.Counter)
+    bytes_by_kind: collections.Counter = field(default_factory=collections.Counter)  # miss/prefetch/pin
+
+    def reset(self) -> None:
+        """Zero the counters; resident bytes stay as they are."""
+        resident = self.resident_bytes
+        fresh = PagerStats(resident_bytes=resident, peak_resident_bytes=resident)
+        self.__dict__.update(fresh.__dict__)
+
+    def snapshot(self) -> "PagerStats":
+        """A copy that later activity does not change."""
+        copy = PagerStats(**{k: v for k, v in self.__dict__.items()})
+        copy.reads_by_unit = collections.Counter(self.reads_by_unit)
+        copy.bytes_by_kind = collections.Counter(self.bytes_by_kind)
+        return copy
+
+    @property
+    def hit_rate(self) -> float:
+        """Hits over acquires (1.0 before any acquire)."""
+        return self.hits / self.acquires if self.acquires else 1.0
+
+
+class _Entry:
+    __slots__ = ("unit", "state", "refs", "holders", "pinned", "buffer", "views", "prefetched", "last_use")
+
+    def __init__(self, unit: Unit, pinned: bool):
+        self.unit = unit
+        self.state = ABSENT
+        self.refs = 0
+        self.holders: collections.Counter = collections.Counter()  # thread id -> holds
+        self.pinned = pinned
+        self.buffer: np.ndarray | None = None
+        self.views: dict[str, np.ndarray] = {}
+        self.prefetched = False
+        self.last_use = 0
+
+
+class LayerPager:
+    """Keeps at most ``budget_bytes`` of units resident; see the module docstring."""
+
+    def __init__(
+        self,
+        mf: ModelFile,
+        budget_bytes: int | None,
+        pinned_groups: Sequence[str] = (),
+        replacement: str = "auto",
+        io_mode: str = "auto",
+        source: FileSource | None = None,
+        prefetch_n_ahead: int = 0,
+    ):
+        if replacement not in REPLACEMENTS:
+            raise ValueError(f"replacement {replacement!r}: expected one of {', '.join(REPLACEMENTS)}")
+        self.model_file = mf
+        self.replacement = replacement
+        self.prefetch_n_ahead = prefetch_n_ahead
+        self.source = source or FileSource(mf.path, io_mode)
+        self._units_by_group = plan_units(mf, self.source.alignment)
+        self._entries: dict[str, _Entry] = {}
+        for group, units in self._units_by_group.items():
+            for unit in units:
+                self._entries[unit.name] = _Entry(unit, pinned=group in pinned_groups)
+        self.sweep_order = self._sweep_order()
+        self._order_index = {name: i for i, name in enumerate(self.sweep_order)}
+        self._position = -1
+        self._tick = 0
+        self._budget = budget_bytes
+        self._held_bytes = 0
+        self.stats = PagerStats()
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: collections.deque[str] = collections.deque()
+        self._queued: set[str] = set()
+        self._closed = False
+        self._reader: threading.Thread | None = None
+        self._check_budget_fits()
+        self._load_pinned()
+
+    # -- construction --------------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls,
+        mf: ModelFile,
+        policy: AnyPolicy,
+        replacement: str = "auto",
+        io_mode: str = "auto",
+        source: FileSource | None = None,
+    ) -> "LayerPager":
+        """A pager for ``policy``; NoOffload gives a ResidentStore (everything loaded once)."""
+        if policy.is_disabled():
+            return ResidentStore(mf, io_mode=io_mode, source=source)
+        pinned: list[str] = []
+        prefetch = 1
+        if isinstance(policy, PinnedHotSet):
+            head_group = OUTPUT_HEAD if OUTPUT_HEAD in mf.groups else TOKEN_EMBEDDING
+            if policy.pin_embeddings and TOKEN_EMBEDDING in mf.groups:
+                pinned.append(TOKEN_EMBEDDING)
+            if policy.pin_output_head and head_group in mf.groups:
+                pinned.append(head_group)
+            blocks = mf.block_groups
+            pinned += blocks[len(blocks) - min(policy.pin_last_n_layers, len(blocks)) :]
+            prefetch = policy.prefetch_n_ahead
+        return cls(
+            mf,
+            policy.ram_budget_bytes(),
+            pinned_groups=pinned,
+            replacement=replacement,
+            io_mode=io_mode,
+            source=source,
+            prefetch_n_ahead=prefetch,
+        )
+
+    def _sweep_order(self) -> list[str]:
+        """Units in the order one decode step acquires them (the token embedding is read by rows)."""
+        mf = self.model_file
+        head = OUTPUT_HEAD if OUTPUT_HEAD in mf.groups else TOKEN_EMBEDDING
+        groups = ([GLOBALS] if GLOBALS in mf.groups else []) + mf.block_groups + ([head] if head in mf.groups else [])
+        return [u.name for g in groups for u in self._units_by_group[g]]
+
+    def _check_budget_fits(self) -> None:
+        if self._budget is None:
+            return
+        pinned = self.pinned_bytes
+        largest = max((e.unit.capacity for e in self._entries.values() if not e.pinned), default=0)
+        if pinned + largest > self._budget:
+            what = "the pinned set" if pinned > self._budget else "the pinned set plus the largest group"
+            raise PagerError(
+                f"budget {format_size(self._budget)} ({self._budget} B) is too small: {what} needs "
+                f"{format_size(pinned + (largest if pinned <= self._budget else 0))} "
+                f"(pinned {pinned} B + largest unpinned group {largest} B)"
+            )
+
+    def _load_pinned(self) -> None:
+        for entry in self._entries.values():
+            if entry.pinned:
+                with self._cond:
+                    buffer = self._reserve(entry, for_prefetch=False)
+                    assert buffer is not None, "pinned set was checked to fit"
+                    entry.state = LOADING
+                self._finish_load(entry, buffer, kind="pin")
+
+    # -- what callers see ----------------------------------------------------------------
+
+    @property
+    def budget_bytes(self) -> int | None:
+        """The budget in force (None: unbounded)."""
+        return self._budget
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Buffer bytes of the pinned units."""
+        return sum(e.unit.capacity for e in self._entries.values() if e.pinned)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Buffer bytes held now: resident and in flight."""
+        return self._held_bytes
+
+    @property
+    def io_mode(self) -> str:
+        """'direct', 'buffered' or 'mmap'."""
+        return self.source.mode
+
+    @property
+    def units(self) -> list[str]:
+        """All unit names."""
+        return list(self._entries)
+
+    def unit(self, name: str) -> Unit:
+        """The unit called ``name``."""
+        return self._entry(name).unit
+
+    def units_of(self, group: str) -> list[str]:
+        """Unit names of a model-file group, in row order."""
+        try:
+            return [u.name for u in self._units_by_group[group]]
+        except KeyError:
+            raise KeyError(f"no group {group!r} in {self.model_file.path}") from None
+
+    def is_pinned(self, name: str) -> bool:
+        """Whether unit ``name`` is pinned."""
+        return self._entry(name).pinned
+
+    def is_resident(self, name: str) -> bool:
+        """Whether unit ``name`` is resident now."""
+        return self._entry(name).state == RESIDENT
+
+    def resident_units(self) -> list[str]:
+        """Names of the units resident now."""
+        with self._cond:
+            return [n for n, e in self._entries.items() if e.state == RESIDENT]
+
+    def _entry(self, name: str) -> _Entry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise KeyError(f"no unit {name!r} (units: {', '.join(self._entries)})") from None
+
+    # -- acquire / release ---------------------------------------------------------------
+
+    def acquire(self, name: str) -> Mapping[str, np.ndarray]:
+        """Hold unit ``name`` and return its tensors (name -> uint8 view of raw bytes)."""
+        entry = self._entry(name)
+        me = threading.get_ident()
+        t0 = time.perf_counter()
+        waited = False
+        with self._cond:
+            if self._closed:
+                raise PagerError("the pager is closed")
+            self.stats.acquires += 1
+            if name in self._order_index:
+                self._position = self._order_index[name]
+            while True:
+                if entry.state == RESIDENT:
+                    self.stats.hits += 1
+                    if entry.prefetched:
+                        self.stats.prefetches_used += 1
+                        entry.prefetched = False
+                    self._hold(entry, me)
+                    if waited:
+                        self.stats.stall_seconds += time.perf_counter() - t0
+                    return entry.views
+                if entry.state == LOADING:
+                    waited = True
+                    self._cond.wait()
+                    continue
+                buffer = self._reserve(entry, for_prefetch=False)
+                if buffer is not None:
+                    entry.state = LOADING
+                    break
+                self._raise_if_stuck(entry, me)
+                waited = True
+                self._cond.wait(timeout=1.0)
+        views = self._finish_load(entry, buffer, kind="miss", holder=me)
+        with self._cond:
+            self.stats.stall_seconds += time.perf_counter() - t0
+        return views
+
+    def release(self, name: str) -> None:
+        """Let unit ``name`` go: evictable again once no one holds it, unless pinned."""
+        entry = self._entry(name)
+        me = threading.get_ident()
+        with self._cond:
+            if entry.refs <= 0 or entry.holders[me] <= 0:
+                raise PagerError(f"release of {name} which this thread does not hold")
+            entry.refs -= 1
+            entry.holders[me] -= 1
+            if not entry.holders[me]:
+                del entry.holders[me]
+            self._cond.notify_all()
+
+    @contextmanager
+    def hold(self, name: str) -> Iterator[Mapping[str, np.ndarray]]:
+        """``with pager.hold(name) as tensors:`` acquire on entry, release on exit."""
+        views = self.acquire(name)
+        try:
+            yield views
+        finally:
+            self.release(name)
+
+    def _hold(self, entry: _Entry, me: int) -> None:
+        entry.refs += 1
+        entry.holders[me] += 1
+        self._tick += 1
+        entry.last_use = self._tick
+
+    def _raise_if_stuck(self, entry: _Entry, me: int) -> None:
+        """Fail rather than wait forever when only this thread's own holds block the load."""
+        if any(e.state == LOADING for e in self._entries.values()):
+            return
+        others = [e for e in self._entries.values() if e.refs and set(e.holders) - {me}]
+        if others:
+            return
+        held = [e.unit.name for e in self._entries.values() if e.refs and not e.pinned]
+        raise PagerError(
+            f"cannot load {entry.unit.name} ({entry.unit.capacity} B): budget {self._budget} B is taken by "
+            f"pinned {self.pinned_bytes} B and units this thread holds: {', '.join(held) or 'none'}"
+        )
+
+    # -- budget and replacement ----------------------------------------------------------
+
+    def _distance(self, name: str) -> int:
+        """Acquires until the sweep next needs ``name`` (units outside the sweep: never)."""
+        idx = self._order_index.get(name)
+        if idx is None:
+            return len(self._order_index)
+        return (idx - self._position - 1) % len(self._order_index)
+
+    def _victims(self, prefetching: _Entry | None = None) -> list[_Entry]:
+        """Idle unpinned resident units, best victim first."""
+        idle = [e for e in self._entries.values() if e.state == RESIDENT and not e.refs and not e.pinned]
+        if prefetching is not None:
+            # A prefetch never pushes out a unit the sweep needs before the one it brings in.
+            limit = self._distance(prefetching.unit.name)
+            idle = [e for e in idle if self._distance(e.unit.name) > limit]
+        if self.replacement == "lru":
+            return sorted(idle, key=lambda e: e.last_use)
+        return sorted(idle, key=lambda e: self._distance(e.unit.name), reverse=True)
+
+    def _reserve(self, entry: _Entry, for_prefetch: bool) -> np.ndarray | None:
+        """Make room for ``entry`` and return its buffer, or None (evicting nothing) if impossible now."""
+        need = entry.unit.capacity
+        if self._budget is None or self._held_bytes + need <= self._budget:
+            self._account(need)
+            return allocate_buffer(need)
+        chosen, freed = [], 0
+        for victim in self._victims(entry if for_prefetch else None):
+            if self._held_bytes - freed + need <= self._budget:
+                break
+            chosen.append(victim)
+            freed += victim.unit.capacity
+        if self._held_bytes - freed + need > self._budget:
+            return None
+        reuse = None
+        for victim in chosen:
+            if reuse is None and victim.buffer is not None and victim.buffer.nbytes == need:
+                reuse = victim.buffer  # same-sized blocks: no new pages to fault in
+            self._evict(victim)
+        self._account(need)
+        return reuse if reuse is not None else allocate_buffer(need)
+
+    def _evict(self, entry: _Entry) -> None:
+        entry.state = ABSENT
+        entry.buffer = None
+        entry.views = {}
+        entry.prefetched = False
+        self._held_bytes -= entry.unit.capacity
+        self.stats.resident_bytes = self._held_bytes
+        self.stats.evictions += 1
+
+    def _account(self, nbytes: int) -> None:
+        self._held_bytes += nbytes
+        self.stats.resident_bytes = self._held_bytes
+        self.stats.peak_resident_bytes = max(self.stats.peak_resident_bytes, self._held_bytes)
+
+    def set_budget(self, ram_bytes: int) -> int:
+        """Change the budget (never below pinned + largest unit); evict idle units to fit. Returns it."""
+        with self._cond:
+            if self._budget is None:
+                raise PagerError("a resident store has no budget to change")
+            largest = max((e.unit.capacity for e in self._entries.values() if not e.pinned), default=0)
+            self._budget = max(int(ram_bytes), self.pinned_bytes + largest)
+            for victim in self._victims():
+                if self._held_bytes <= self._budget:
+                    break
+                self._evict(victim)
+            self._cond.notify_all()
+            return self._budget
+
+    # -- reading -------------------------------------------------------------------------
+
+    def _read_unit(self, unit: Unit, buffer: np.ndarray) -> dict[str, np.ndarray]:
+        for extent in unit.extents:
+            self.source.read_into(extent.file_offset, extent.nbytes, buffer, at=extent.buffer_at)
+        return {s.tensor: buffer[s.buffer_offset : s.buffer_offset + s.nbytes] for s in unit.slices}
+
+    def _finish_load(self, entry: _Entry, buffer: np.ndarray, kind: str, holder: int | None = None) -> dict[str, np.ndarray]:
+        """Read a reserved unit (state LOADING) outside the lock and publish it."""
+        try:
+            views = self._read_unit(entry.unit, buffer)
+        except BaseException:
+            with self._cond:
+                entry.state = ABSENT
+                self._held_bytes -= entry.unit.capacity
+                self.stats.resident_bytes = self._held_bytes
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            entry.buffer, entry.views, entry.state = buffer, views, RESIDENT
+            self.stats.bytes_read += entry.unit.nbytes
+            self.stats.bytes_by_kind[kind] += entry.unit.nbytes
+            self.stats.reads_by_unit[entry.unit.name] += 1
+            if kind == "miss":
+                self.stats.misses += 1
+                self._hold(entry, holder)
+            elif kind == "prefetch":
+                entry.prefetched = True
+                self.stats.prefetches_completed += 1
+            self._cond.notify_all()
+        return views
+
+    # -- prefetch ------------------------------------------------------------------------
+
+    def prefetch(self, names: Sequence[str]) -> None:
+        """Ask the background reader to bring these units in, within the budget (skipped if no room)."""
+        with self._cond:
+            for name in names:
+                entry = self._entry(name)
+                if entry.state == ABSENT and name not in self._queued:
+                    self._queue.append(name)
+                    self._queued.add(name)
+            if self._queue and self._reader is None and not self._closed:
+                self._reader = threading.Thread(target=self._reader_loop, name="pagellm-prefetch", daemon=True)
+                self._reader.start()
+            self._cond.notify_all()
+
+    def prefetch_after(self, name: str, n: int | None = None) -> None:
+        """Prefetch the ``n`` (default: the policy's) units that follow ``name`` in the sweep."""
+        n = self.prefetch_n_ahead if n is None else n
+        idx = self._order_index.get(name)
+        if idx is None or n <= 0:
+            return
+        order = self.sweep_order
+        self.prefetch([order[(idx + k) % len(order)] for k in range(1, min(n, len(order) - 1) + 1)])
+
+    def _reader_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                name = self._queue.popleft()
+                self._queued.discard(name)
+                entry = self._entries[name]
+                if entry.state != ABSENT:
+                    continue
+                buffer = self._reserve(entry, for_prefetch=True)
+                if buffer is None:
+                    self.stats.prefetches_skipped += 1
+                    continue
+                entry.state = LOADING
+                self.stats.prefetches_issued += 1
+            try:
+                self._finish_load(entry, buffer, kind="prefetch")
+            except Exception:  # the acquire that needs it reads again and reports the error
+                pass
+
+    # -- rows read directly --------------------------------------------------------------
+
+    def read_rows(self, tensor: str, rows: Sequence[int]) -> np.ndarray:
+        """Raw bytes of the given rows of ``tensor`` (uint8 [len(rows), row_bytes]).
+
+        Served from RAM when the unit holding a row is resident, otherwise read straight from the
+        file: one token's embedding row is a few KiB, far cheaper than keeping the table resident.
+        """
+        mf = self.model_file
+        row_bytes, n_rows = _row_bytes(mf, tensor), _n_rows(mf, tensor)
+        group = next(g for g, us in self._units_by_group.items() for u in us for s in u.slices if s.tensor == tensor)
+        out = np.empty((len(rows), row_bytes), dtype=np.uint8)
+        base = mf.tensors[tensor].offset
+        scratch = None
+        for i, row in enumerate(rows):
+            if not 0 <= row < n_rows:
+                raise IndexError(f"row {row} of {tensor} out of range 0..{n_rows - 1}")
+            if self._copy_resident_row(group, tensor, int(row), row_bytes, out[i]):
+                continue
+            if scratch is None:
+                scratch = allocate_buffer(self.source.buffer_bytes(0, row_bytes) + self.source.alignment)
+            out[i] = self.source.read_into(base + int(row) * row_bytes, row_bytes, scratch)
+            with self._cond:
+                self.stats.row_reads += 1
+                self.stats.row_bytes_read += row_bytes
+        return out
+
+    def _copy_resident_row(self, group: str, tensor: str, row: int, row_bytes: int, out: np.ndarray) -> bool:
+        with self._cond:
+            for unit in self._units_by_group[group]:
+                s = unit.slice_of(tensor)
+                if s.row_start <= row < s.row_end:
+                    entry = self._entries[unit.name]
+                    if entry.state != RESIDENT:
+                        return False
+                    at = (row - s.row_start) * row_bytes
+                    out[:] = entry.views[tensor][at : at + row_bytes]
+                    return True
+        return False
+
+    # -- shutdown ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the reader, drop every buffer and close the file."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._reader is not None:
+            self._reader.join()
+        with self._cond:
+            for entry in self._entries.values():
+                if entry.state == RESIDENT:
+                    self._evict(entry)
+        self.source.close()
+
+    def __enter__(self) -> "LayerPager":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ResidentStore(LayerPager):
+    """NoOffload: every unit is read once at load and stays; same acquire/release interface, no budget."""
+
+    def __init__(self, mf: ModelFile, io_mode: str = "auto", source: FileSource | None = None):
+        super().__init__(mf, None, pinned_groups=list(mf.groups), io_mode=io_mode, source=source)
+
+    def prefetch(self, names: Sequence[str]) -> None:
+        """Nothing to fetch: everything is resident."""

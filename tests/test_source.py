@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+from shared_paths import fixture_path
+
+from pagellm.offload.source import FileSource, SourceError, allocate_buffer
+
+PATH = fixture_path("synth-llama-Q4_0")
+
+
+@pytest.mark.parametrize("mode", ["auto", "direct", "buffered", "mmap"])
+def test_reads_return_exactly_the_file_bytes(mode):
+    data = PATH.read_bytes()
+    rng = np.random.default_rng(0)
+    with FileSource(PATH, mode) as src:
+        assert src.mode in ("direct", "buffered", "mmap")
+        buf = allocate_buffer(1 << 20)
+        for _ in range(200):
+            n = int(rng.integers(1, 300_000))
+            off = int(rng.integers(0, len(data) - n))
+            view = src.read_into(off, n, buf)
+            assert bytes(view) == data[off : off + n]
+        view = src.read_into(len(data) - 10, 10, buf)  # last partial block
+        assert bytes(view) == data[-10:]
+        assert src.stats.reads == 201 and src.stats.bytes_read >= 10
+
+
+def test_auto_prefers_direct_and_reports_alignment():
+    with FileSource(PATH) as src:
+        assert src.mode == "direct" and src.alignment == 4096 and src.fallback_reason is None
+        assert src.span(5000, 10) == (4096, 4096)
+        assert src.span(4095, 2) == (0, 8192)
+
+
+def test_buffers_are_page_aligned():
+    buf = allocate_buffer(10_000)
+    assert buf.ctypes.data % 4096 == 0 and buf.nbytes == 12288
+
+
+def test_out_of_range_read_is_an_error():
+    with FileSource(PATH, "buffered") as src:
+        with pytest.raises(SourceError, match="outside the file"):
+            src.read_into(src.file_size - 4, 8, allocate_buffer(4096))
+
+
+def test_file_truncated_after_open_is_a_clear_error(tmp_path):
+    p = tmp_path / "f.bin"
+    p.write_bytes(b"x" * 100_000)
+    with FileSource(p, "buffered") as src:
+        p.write_bytes(b"x" * 10_000)
+        with pytest.raises(SourceError, match="truncated"):
+            src.read_into(50_000, 1000, allocate_buffer(4096))
+
+
+def test_unknown_mode():
+    with pytest.raises(ValueError, match="io mode"):
+        FileSource(PATH, "fast")
