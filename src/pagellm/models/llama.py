@@ -1,0 +1,164 @@
+"""The llama-family decoder (llama, mistral, qwen2, qwen3), reading every weight through the pager."""
+from __future__ import annotations
+
+import numpy as np
+
+from pagellm import kernels
+from pagellm.kv_cache import KVCache
+from pagellm.modelfile import GLOBALS, OUTPUT_HEAD, TOKEN_EMBEDDING, ModelFile
+from pagellm.models.config import ModelArgs
+from pagellm.offload.pager import LayerPager
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """``x / sqrt(mean(x^2) + eps) * weight`` over the last axis."""
+    scale = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+    return (x * scale * weight).astype(np.float32, copy=False)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    """x * sigmoid(x)."""
+    return x / (1.0 + np.exp(-x))
+
+
+def as_f32(raw: np.ndarray) -> np.ndarray:
+    """An F32 tensor's raw bytes as float32 values (norm weights, biases)."""
+    return raw.view(np.float32)
+
+
+class LlamaModel:
+    """Forward pass over a KV cache; weights come from a LayerPager (or the NoOffload ResidentStore)."""
+
+    def __init__(self, args: ModelArgs, mf: ModelFile, weights: LayerPager):
+        self.args = args
+        self.mf = mf
+        self.weights = weights
+        self.head_tensor = "token_embd.weight" if args.tied_embeddings else "output.weight"
+        self.head_units = weights.units_of(TOKEN_EMBEDDING if args.tied_embeddings else OUTPUT_HEAD)
+        half = args.n_rot // 2
+        self.inv_freq = args.rope_base ** (-np.arange(half, dtype=np.float64) * 2.0 / args.n_rot)
+
+    def new_cache(self, n_ctx: int) -> KVCache:
+        """An empty KV cache for ``n_ctx`` positions."""
+        a = self.args
+        return KVCache(a.n_layer, n_ctx, a.n_head_kv, a.head_dim)
+
+    # -- one forward pass ------------------------------------------------------------------
+
+    def forward(self, token_ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        """Run ``token_ids`` at the cache's next positions; logits [T, vocab] (or [1, vocab] for the last)."""
+        start = cache.n_tokens
+        if start + len(token_ids) > cache.n_ctx:
+            raise ValueError(f"{start + len(token_ids)} positions do not fit the context of {cache.n_ctx}")
+        x = self.embed(token_ids)
+        with self.weights.hold(GLOBALS) as glob:
+            rope_factors = as_f32(glob["rope_freqs.weight"]) if "rope_freqs.weight" in glob else None
+            cos, sin = self.rope_tables(start, len(token_ids), rope_factors)
+            for layer in range(self.args.n_layer):
+                x = self.block(layer, x, cache, start, cos, sin)
+            x = x if all_logits else x[-1:]
+            x = rms_norm(x, as_f32(glob["output_norm.weight"]), self.args.rms_eps)
+        cache.n_tokens = start + len(token_ids)
+        return self.head(x)
+
+    def embed(self, token_ids: np.ndarray) -> np.ndarray:
+        """Token embedding rows, read by row (the table need not be resident)."""
+        info = self.mf.tensors["token_embd.weight"]
+        bad = [int(t) for t in token_ids if not 0 <= int(t) < self.args.n_vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary of {self.args.n_vocab}")
+        rows = self.weights.read_rows("token_embd.weight", [int(t) for t in token_ids])
+        return kernels.dequantize(rows, info.ggml_type, self.args.n_embd)
+
+    def linear(self, tensors: dict, name: str, x: np.ndarray) -> np.ndarray:
+        """x [T, in] times the weight's transpose -> [T, out], straight from its raw blocks."""
+        info = self.mf.tensors[name]
+        return kernels.matmul(tensors[name], info.ggml_type, info.shape[0], x)
+
+    def block(self, layer: int, x: np.ndarray, cache: KVCache, start: int, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """One transformer block: attention then feed-forward, each with a residual."""
+        a = self.args
+        name = f"blk.{layer}"
+        p = name + "."
+        w = self.weights.acquire(name)
+        self.weights.prefetch_after(name)
+        try:
+            T = x.shape[0]
+            h = rms_norm(x, as_f32(w[p + "attn_norm.weight"]), a.rms_eps)
+            q = self.linear(w, p + "attn_q.weight", h)
+            k = self.linear(w, p + "attn_k.weight", h)
+            v = self.linear(w, p + "attn_v.weight", h)
+            if a.qkv_bias:
+                q += as_f32(w[p + "attn_q.bias"])
+                k += as_f32(w[p + "attn_k.bias"])
+                v += as_f32(w[p + "attn_v.bias"])
+            q = q.reshape(T, a.n_head, a.head_dim)
+            k = k.reshape(T, a.n_head_kv, a.head_dim)
+            v = v.reshape(T, a.n_head_kv, a.head_dim)
+            if a.qk_norm:
+                q = rms_norm(q, as_f32(w[p + "attn_q_norm.weight"]), a.rms_eps)
+                k = rms_norm(k, as_f32(w[p + "attn_k_norm.weight"]), a.rms_eps)
+            q = self.rope(q, cos, sin)
+            k = self.rope(k, cos, sin)
+            cache.store(layer, start, k, v)
+            attn = self.attention(q, cache.keys[layer, : start + T], cache.values[layer, : start + T], start)
+            x = x + self.linear(w, p + "attn_output.weight", attn)
+            h = rms_norm(x, as_f32(w[p + "ffn_norm.weight"]), a.rms_eps)
+            gate = self.linear(w, p + "ffn_gate.weight", h)
+            up = self.linear(w, p + "ffn_up.weight", h)
+            return x + self.linear(w, p + "ffn_down.weight", (silu(gate) * up).astype(np.float32))
+        finally:
+            self.weights.release(name)
+
+    def head(self, x: np.ndarray) -> np.ndarray:
+        """Logits from the output head, one row slice (unit) at a time."""
+        info = self.mf.tensors[self.head_tensor]
+        logits = np.empty((x.shape[0], self.args.n_vocab), dtype=np.float32)
+        for unit in self.head_units:
+            with self.weights.hold(unit) as t:
+                s = self.weights.unit(unit).slice_of(self.head_tensor)
+                logits[:, s.row_start : s.row_end] = kernels.matmul(t[self.head_tensor], info.ggml_type, info.shape[0], x)
+            self.weights.prefetch_after(unit)
+        return logits
+
+    # -- attention and rotary embedding ----------------------------------------------------
+
+    def rope_tables(self, start: int, n: int, factors: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """cos/sin [n, 1, n_rot/2] for positions start .. start+n."""
+        pos = (start + np.arange(n, dtype=np.float64)) / self.args.rope_scale
+        inv_freq = self.inv_freq if factors is None else self.inv_freq / factors.astype(np.float64)
+        theta = pos[:, None] * inv_freq[None, :]
+        return np.cos(theta).astype(np.float32)[:, None, :], np.sin(theta).astype(np.float32)[:, None, :]
+
+    def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """Rotate the first n_rot dims of each head: adjacent pairs (llama) or halves (NeoX)."""
+        n_rot = self.args.n_rot
+        out = x.copy()
+        if self.args.rope_neox:
+            half = n_rot // 2
+            x0, x1 = x[..., :half], x[..., half:n_rot]
+            out[..., :half] = x0 * cos - x1 * sin
+            out[..., half:n_rot] = x0 * sin + x1 * cos
+        else:
+            x0, x1 = x[..., 0:n_rot:2], x[..., 1:n_rot:2]
+            out[..., 0:n_rot:2] = x0 * cos - x1 * sin
+            out[..., 1:n_rot:2] = x0 * sin + x1 * cos
+        return out
+
+    def attention(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -> np.ndarray:
+        """Causal grouped-query attention: query head h reads KV head h // (n_head / n_head_kv)."""
+        a = self.args
+        T, S, group = q.shape[0], keys.shape[0], a.n_head // a.n_head_kv
+        qh = q.reshape(T, a.n_head_kv, group, a.head_dim).transpose(1, 2, 0, 3)  # [kv, g, T, d]
+        k = keys.astype(np.float32).transpose(1, 2, 0)  # [kv, d, S]
+        v = values.astype(np.float32).transpose(1, 0, 2)  # [kv, S, d]
+        scores = (qh.reshape(a.n_head_kv, group * T, a.head_dim) @ k).reshape(a.n_head_kv, group, T, S)
+        scores *= np.float32(1.0 / np.sqrt(a.head_dim))
+        if T > 1:
+            future = np.arange(S)[None, :] > (start + np.arange(T))[:, None]
+            scores[..., future] = -np.inf
+        scores -= scores.max(axis=-1, keepdims=True)
+        probs = np.exp(scores)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        out = probs.reshape(a.n_head_kv, group * T, S) @ v  # [kv, g*T, d]
+        return np.ascontiguousarray(out.reshape(a.n_head_kv, group, T, a.head_dim).transpose(2, 0, 1, 3)).reshape(T, a.n_head * a.head_dim)
