@@ -5,7 +5,6 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -17,7 +16,8 @@ from pagellm.offload.pager import LayerPager, PagerStats, ResidentStore
 from pagellm.offload.policy import AnyPolicy, NoOffload, OffloadPolicy
 from pagellm.offload.pressure import peak_rss_bytes, process_rss_bytes
 from pagellm.sampling import Sampler, SamplerConfig, StopChecker
-from pagellm.tokenizer import Tokenizer
+from pagellm.kv_cache import KVCache
+from pagellm.tokenizer import StreamDecoder, Tokenizer
 
 
 @dataclass(frozen=True)
@@ -188,14 +188,13 @@ class InferenceEngine:
         self._require_loaded()
         self.cache.reset()
 
-    def _prefill(self, ids: Sequence[int], all_logits: bool) -> np.ndarray:
+    def _prefill(self, ids: Sequence[int], cache: KVCache, all_logits: bool) -> np.ndarray:
+        """Run a prompt in chunks of ``prefill_chunk_size``; logits of every row or of the last."""
         chunk = max(1, self.config.prefill_chunk_size)
         rows = []
         for i in range(0, len(ids), chunk):
-            part = np.asarray(ids[i : i + chunk], dtype=np.int64)
-            last = i + chunk >= len(ids)
-            out = self.model.forward(part, self.cache, all_logits=all_logits)
-            if all_logits or last:
+            out = self.model.forward(np.asarray(ids[i : i + chunk]), cache, all_logits=all_logits)
+            if all_logits or i + chunk >= len(ids):
                 rows.append(out)
         return np.concatenate(rows, axis=0)
 
@@ -209,7 +208,7 @@ class InferenceEngine:
         with self._lock:
             self._check_fits(len(token_ids))
             self.cache.reset()
-            return self._prefill(list(token_ids), all_logits=True)
+            return self._prefill(list(token_ids), self.cache, all_logits=True)
 
     def generate(
         self,
@@ -225,64 +224,62 @@ class InferenceEngine:
         ``on_token(id, text)`` is called as tokens are made, with the text that became final
         (complete UTF-8, not part of a possible stop string); returning False stops generation.
         """
+        with self._lock:
+            seq = self.start(prompt, max_tokens, sampler=sampler, stop=stop, seed=seed, on_token=on_token, cache=self.cache)
+            while not seq.done:
+                self.step([seq])
+            return seq.result()
+
+    def start(
+        self,
+        prompt: str | Sequence[int],
+        max_tokens: int = 128,
+        sampler: SamplerConfig | None = None,
+        stop: Sequence[str] | str | None = None,
+        seed: int | None = None,
+        on_token: Callable[[int, str], object] | None = None,
+        cache: KVCache | None = None,
+    ) -> "SequenceState":
+        """Prefill a prompt into a sequence of its own (its own KV cache) and sample its first token."""
         self._require_loaded()
         ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids:
             raise ValueError("empty prompt: give at least one token")
         if max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+        self._check_fits(len(ids))
+        config = sampler or self.config.sampler
+        seq = SequenceState(
+            engine=self,
+            prompt_ids=ids,
+            max_tokens=min(max_tokens, self.n_ctx - len(ids)),
+            cache=cache if cache is not None else self.model.new_cache(self.n_ctx),
+            sampler=Sampler(config if seed is None else replace(config, seed=seed)),
+            stop_checker=StopChecker(stop),
+            decoder=self.tokenizer.stream_decoder(),
+            on_token=on_token,
+        )
         with self._lock:
-            self._check_fits(len(ids))
-            max_tokens = min(max_tokens, self.n_ctx - len(ids))
-            return self._generate(ids, max_tokens, on_token, sampler or self.config.sampler, stop, seed)
+            seq.before = self.weights.stats.snapshot()
+            t0 = time.perf_counter()
+            seq.cache.reset()
+            logits = self._prefill(ids, seq.cache, all_logits=False)[-1]
+            seq.prompt_seconds = time.perf_counter() - t0
+            seq.decode_start = time.perf_counter()
+            seq.accept(logits)
+        return seq
 
-    def _generate(self, ids, max_tokens, on_token, sampler_config, stop, seed) -> Generation:
-        sampler = Sampler(sampler_config if seed is None else replace(sampler_config, seed=seed))
-        stop_checker = StopChecker(stop)
-        decoder = self.tokenizer.stream_decoder()
-        before = self._pager_snapshot()
-        t0 = time.perf_counter()
-        self.cache.reset()
-        logits = self._prefill(ids, all_logits=False)[-1]
-        t_prompt = time.perf_counter() - t0
-        history = list(ids)
-        new_ids: list[int] = []
-        text, emitted = "", 0
-        finish = "length"
-        t1 = time.perf_counter()
-        while len(new_ids) < max_tokens:
-            token = sampler.sample(logits, history)
-            if self.tokenizer.is_eog(token):
-                finish = "stop"
-                break
-            new_ids.append(token)
-            history.append(token)
-            text += decoder.push(token)
-            check = stop_checker.check(text)
-            if check.stopped:
-                text = text[: check.safe_length]
-                finish = "stop"
-            if on_token is not None and check.safe_length > emitted:
-                if on_token(token, text[emitted : check.safe_length]) is False:
-                    emitted = check.safe_length
-                    finish = "stop"
-                    break
-                emitted = check.safe_length
-            if finish == "stop" or len(new_ids) >= max_tokens:
-                break
-            logits = self.model.forward(np.asarray([token]), self.cache)[-1]
-        if finish == "length" or not stop_checker.check(text).stopped:
-            text += decoder.flush()
-        if on_token is not None and len(text) > emitted and not stop_checker.check(text).stopped:
-            on_token(new_ids[-1] if new_ids else -1, text[emitted:])
-        stats = self._generation_stats(before, len(ids), len(new_ids), t_prompt, time.perf_counter() - t1)
-        self.stats.add(stats)
-        return Generation(new_ids, text, finish, stats)
+    def step(self, sequences: Sequence["SequenceState"]) -> None:
+        """One decode step for every unfinished sequence, all in one forward pass (each layer read once)."""
+        live = [s for s in sequences if not s.done]
+        if not live:
+            return
+        with self._lock:
+            outs = self.model.forward_batch([(np.asarray([s.new_ids[-1]]), s.cache) for s in live])
+            for seq, logits in zip(live, outs):
+                seq.accept(logits[-1])
 
     # -- figures -------------------------------------------------------------------------
-
-    def _pager_snapshot(self) -> PagerStats:
-        return self.weights.stats.snapshot()
 
     def _generation_stats(self, before: PagerStats, n_prompt: int, n_new: int, t_prompt: float, t_decode: float) -> GenerationStats:
         now = self.weights.stats
@@ -314,6 +311,79 @@ class InferenceEngine:
         }
 
 
-def model_path_of(path: str | os.PathLike[str]) -> Path:
-    """The model path as a Path (kept for callers that take strings)."""
-    return Path(path)
+@dataclass(eq=False)
+class SequenceState:
+    """One sequence being generated: its cache, sampler, text so far and why it stopped."""
+
+    engine: InferenceEngine
+    prompt_ids: list[int]
+    max_tokens: int
+    cache: KVCache
+    sampler: Sampler
+    stop_checker: StopChecker
+    decoder: StreamDecoder
+    on_token: Callable[[int, str], object] | None = None
+    new_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0  # characters of ``text`` handed to on_token so far
+    finish_reason: str | None = None
+    before: PagerStats | None = None
+    prompt_seconds: float = 0.0
+    decode_start: float = 0.0
+    decode_seconds: float = 0.0
+    stats: GenerationStats | None = None
+
+    @property
+    def done(self) -> bool:
+        """Finished (stop, length or cancelled)."""
+        return self.finish_reason is not None
+
+    def cancel(self) -> None:
+        """Stop generating (a client went away); the sequence finishes at once."""
+        if not self.done:
+            self._finish("cancelled")
+
+    def accept(self, logits: np.ndarray) -> None:
+        """Sample the next token from ``logits`` and account for it; finish when it ends the sequence."""
+        if self.done:
+            return
+        if len(self.new_ids) >= self.max_tokens:
+            return self._finish("length")
+        token = self.sampler.sample(logits, self.prompt_ids + self.new_ids)
+        if self.engine.tokenizer.is_eog(token):
+            return self._finish("stop")
+        self.new_ids.append(token)
+        self.text += self.decoder.push(token)
+        check = self.stop_checker.check(self.text)
+        if check.stopped:
+            self.text = self.text[: check.safe_length]
+        if self.on_token is not None and check.safe_length > self.emitted:
+            keep_going = self.on_token(token, self.text[self.emitted : check.safe_length])
+            self.emitted = check.safe_length
+            if keep_going is False:
+                return self._finish("cancelled")
+        if check.stopped:
+            return self._finish("stop")
+        if len(self.new_ids) >= self.max_tokens:
+            return self._finish("length")
+
+    def _finish(self, reason: str) -> None:
+        if reason in ("length", "cancelled"):
+            self.text += self.decoder.flush()
+            check = self.stop_checker.check(self.text)
+            if check.stopped:
+                self.text, reason = self.text[: check.safe_length], "stop"
+        if self.on_token is not None and len(self.text) > self.emitted:
+            self.on_token(self.new_ids[-1] if self.new_ids else -1, self.text[self.emitted :])
+            self.emitted = len(self.text)
+        self.finish_reason = reason
+        self.decode_seconds = time.perf_counter() - self.decode_start
+        eng = self.engine
+        self.stats = eng._generation_stats(self.before, len(self.prompt_ids), len(self.new_ids), self.prompt_seconds, self.decode_seconds)
+        eng.stats.add(self.stats)
+
+    def result(self) -> Generation:
+        """The finished generation."""
+        if not self.done:
+            raise RuntimeError("the sequence has not finished")
+        return Generation(self.new_ids, self.text, self.finish_reason, self.stats)

@@ -1,6 +1,9 @@
 """The llama-family decoder (llama, mistral, qwen2, qwen3), reading every weight through the pager."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Sequence
+
 import numpy as np
 
 from pagellm import kernels
@@ -8,6 +11,18 @@ from pagellm.kv_cache import KVCache
 from pagellm.modelfile import GLOBALS, OUTPUT_HEAD, TOKEN_EMBEDDING, ModelFile
 from pagellm.models.config import ModelArgs
 from pagellm.offload.pager import LayerPager
+
+
+@dataclass
+class Segment:
+    """The rows of a batch that belong to one sequence: its cache, first position and row range."""
+
+    cache: KVCache
+    start: int
+    row: int
+    end: int
+    cos: np.ndarray | None = None
+    sin: np.ndarray | None = None
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -47,19 +62,38 @@ class LlamaModel:
 
     def forward(self, token_ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run ``token_ids`` at the cache's next positions; logits [T, vocab] (or [1, vocab] for the last)."""
-        start = cache.n_tokens
-        if start + len(token_ids) > cache.n_ctx:
-            raise ValueError(f"{start + len(token_ids)} positions do not fit the context of {cache.n_ctx}")
-        x = self.embed(token_ids)
+        return self.forward_batch([(np.asarray(token_ids), cache)], all_logits)[0]
+
+    def forward_batch(self, batch: Sequence[tuple[np.ndarray, KVCache]], all_logits: bool = False) -> list[np.ndarray]:
+        """Run several sequences together, each on its own cache: every layer is acquired once for all.
+
+        Returns per sequence its logits [T_i, vocab] (or [1, vocab], the last position, unless ``all_logits``).
+        """
+        segments = []
+        row = 0
+        for ids, cache in batch:
+            n = len(ids)
+            if n == 0:
+                raise ValueError("a sequence in the batch has no tokens")
+            if cache.n_tokens + n > cache.n_ctx:
+                raise ValueError(f"{cache.n_tokens + n} positions do not fit the context of {cache.n_ctx}")
+            segments.append(Segment(cache, cache.n_tokens, row, row + n))
+            row += n
+        x = self.embed(np.concatenate([np.asarray(ids) for ids, _ in batch]))
         with self.weights.hold(GLOBALS) as glob:
-            rope_factors = as_f32(glob["rope_freqs.weight"]) if "rope_freqs.weight" in glob else None
-            cos, sin = self.rope_tables(start, len(token_ids), rope_factors)
+            factors = as_f32(glob["rope_freqs.weight"]) if "rope_freqs.weight" in glob else None
+            for seg in segments:
+                seg.cos, seg.sin = self.rope_tables(seg.start, seg.end - seg.row, factors)
             for layer in range(self.args.n_layer):
-                x = self.block(layer, x, cache, start, cos, sin)
-            x = x if all_logits else x[-1:]
-            x = rms_norm(x, as_f32(glob["output_norm.weight"]), self.args.rms_eps)
-        cache.n_tokens = start + len(token_ids)
-        return self.head(x)
+                x = self.block(layer, x, segments)
+            keep = np.arange(x.shape[0]) if all_logits else np.array([seg.end - 1 for seg in segments])
+            x = rms_norm(x[keep], as_f32(glob["output_norm.weight"]), self.args.rms_eps)
+        for seg in segments:
+            seg.cache.n_tokens = seg.start + (seg.end - seg.row)
+        logits = self.head(x)
+        if not all_logits:
+            return [logits[i : i + 1] for i in range(len(segments))]
+        return [logits[seg.row : seg.end] for seg in segments]
 
     def embed(self, token_ids: np.ndarray) -> np.ndarray:
         """Token embedding rows, read by row (the table need not be resident)."""
@@ -75,8 +109,8 @@ class LlamaModel:
         info = self.mf.tensors[name]
         return kernels.matmul(tensors[name], info.ggml_type, info.shape[0], x)
 
-    def block(self, layer: int, x: np.ndarray, cache: KVCache, start: int, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        """One transformer block: attention then feed-forward, each with a residual."""
+    def block(self, layer: int, x: np.ndarray, segments: list["Segment"]) -> np.ndarray:
+        """One transformer block over all rows: attention (per sequence) then feed-forward, each with a residual."""
         a = self.args
         name = f"blk.{layer}"
         p = name + "."
@@ -98,10 +132,13 @@ class LlamaModel:
             if a.qk_norm:
                 q = rms_norm(q, as_f32(w[p + "attn_q_norm.weight"]), a.rms_eps)
                 k = rms_norm(k, as_f32(w[p + "attn_k_norm.weight"]), a.rms_eps)
-            q = self.rope(q, cos, sin)
-            k = self.rope(k, cos, sin)
-            cache.store(layer, start, k, v)
-            attn = self.attention(q, cache.keys[layer, : start + T], cache.values[layer, : start + T], start)
+            attn = np.empty((T, a.n_head * a.head_dim), dtype=np.float32)
+            for seg in segments:
+                rows = slice(seg.row, seg.end)
+                qs = self.rope(q[rows], seg.cos, seg.sin)
+                seg.cache.store(layer, seg.start, self.rope(k[rows], seg.cos, seg.sin), v[rows])
+                end = seg.start + (seg.end - seg.row)
+                attn[rows] = self.attention(qs, seg.cache.keys[layer, :end], seg.cache.values[layer, :end], seg.start)
             x = x + self.linear(w, p + "attn_output.weight", attn)
             h = rms_norm(x, as_f32(w[p + "ffn_norm.weight"]), a.rms_eps)
             gate = self.linear(w, p + "ffn_gate.weight", h)
