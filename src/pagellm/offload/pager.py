@@ -22,7 +22,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 
 from pagellm.modelfile import GLOBALS, OUTPUT_HEAD, TOKEN_EMBEDDING, ModelFile
-from pagellm.offload.policy import AnyPolicy, NoOffload, PinnedHotSet, format_size
+from pagellm.offload.planner import Placement, place
+from pagellm.offload.policy import AnyPolicy, PinnedHotSet, format_size
 from pagellm.offload.source import PAGE, FileSource, allocate_buffer
 
 ABSENT, LOADING, RESIDENT = 0, 1, 2
@@ -138,6 +139,27 @@ def plan_units(mf: ModelFile, alignment: int) -> dict[str, list[Unit]]:
     return units
 
 
+def pinned_groups(mf: ModelFile, policy: AnyPolicy) -> list[str]:
+    """The groups a policy pins: embeddings, output head (the embedding when tied), last N blocks."""
+    if not isinstance(policy, PinnedHotSet):
+        return []
+    pinned: list[str] = []
+    head = OUTPUT_HEAD if OUTPUT_HEAD in mf.groups else TOKEN_EMBEDDING
+    if policy.pin_embeddings and TOKEN_EMBEDDING in mf.groups:
+        pinned.append(TOKEN_EMBEDDING)
+    if policy.pin_output_head and head in mf.groups and head not in pinned:
+        pinned.append(head)
+    blocks = mf.block_groups
+    return pinned + blocks[len(blocks) - min(policy.pin_last_n_layers, len(blocks)) :]
+
+
+def sweep_order(mf: ModelFile, units_by_group: Mapping[str, list[Unit]]) -> list[str]:
+    """Units in the order one decode step acquires them (the token embedding is read by rows)."""
+    head = OUTPUT_HEAD if OUTPUT_HEAD in mf.groups else TOKEN_EMBEDDING
+    groups = ([GLOBALS] if GLOBALS in mf.groups else []) + mf.block_groups + ([head] if head in mf.groups else [])
+    return [u.name for g in groups for u in units_by_group[g]]
+
+
 @dataclass
 class PagerStats:
     """Counters of one pager; ``reset()`` zeroes them (peak restarts from what is resident now)."""
@@ -217,7 +239,7 @@ class LayerPager:
         for group, units in self._units_by_group.items():
             for unit in units:
                 self._entries[unit.name] = _Entry(unit, pinned=group in pinned_groups)
-        self.sweep_order = self._sweep_order()
+        self.sweep_order = sweep_order(mf, self._units_by_group)
         self._order_index = {name: i for i, name in enumerate(self.sweep_order)}
         self._position = -1
         self._tick = 0
@@ -230,6 +252,7 @@ class LayerPager:
         self._closed = False
         self._reader: threading.Thread | None = None
         self._check_budget_fits()
+        self.placement = self._place()
         self._load_pinned()
 
     # -- construction --------------------------------------------------------------------
@@ -246,33 +269,24 @@ class LayerPager:
         """A pager for ``policy``; NoOffload gives a ResidentStore (everything loaded once)."""
         if policy.is_disabled():
             return ResidentStore(mf, io_mode=io_mode, source=source)
-        pinned: list[str] = []
-        prefetch = 1
-        if isinstance(policy, PinnedHotSet):
-            head_group = OUTPUT_HEAD if OUTPUT_HEAD in mf.groups else TOKEN_EMBEDDING
-            if policy.pin_embeddings and TOKEN_EMBEDDING in mf.groups:
-                pinned.append(TOKEN_EMBEDDING)
-            if policy.pin_output_head and head_group in mf.groups:
-                pinned.append(head_group)
-            blocks = mf.block_groups
-            pinned += blocks[len(blocks) - min(policy.pin_last_n_layers, len(blocks)) :]
-            prefetch = policy.prefetch_n_ahead
         return cls(
             mf,
             policy.ram_budget_bytes(),
-            pinned_groups=pinned,
+            pinned_groups=pinned_groups(mf, policy),
             replacement=replacement,
             io_mode=io_mode,
             source=source,
-            prefetch_n_ahead=prefetch,
+            prefetch_n_ahead=policy.prefetch_n_ahead if isinstance(policy, PinnedHotSet) else 1,
         )
 
-    def _sweep_order(self) -> list[str]:
-        """Units in the order one decode step acquires them (the token embedding is read by rows)."""
-        mf = self.model_file
-        head = OUTPUT_HEAD if OUTPUT_HEAD in mf.groups else TOKEN_EMBEDDING
-        groups = ([GLOBALS] if GLOBALS in mf.groups else []) + mf.block_groups + ([head] if head in mf.groups else [])
-        return [u.name for g in groups for u in self._units_by_group[g]]
+    @staticmethod
+    def describe(mf: ModelFile, policy: AnyPolicy, alignment: int) -> tuple[list[Unit], list[str], list[str], int]:
+        """What a pager for ``policy`` would work with: units, sweep order, pinned units, prefetch depth."""
+        by_group = plan_units(mf, alignment)
+        pinned = set(mf.groups) if policy.is_disabled() else set(pinned_groups(mf, policy))
+        units = [u for us in by_group.values() for u in us]
+        prefetch = policy.prefetch_n_ahead if isinstance(policy, PinnedHotSet) else 1
+        return units, sweep_order(mf, by_group), [u.name for u in units if u.group in pinned], prefetch
 
     def _check_budget_fits(self) -> None:
         if self._budget is None:
@@ -286,6 +300,16 @@ class LayerPager:
                 f"{format_size(pinned + (largest if pinned <= self._budget else 0))} "
                 f"(pinned {pinned} B + largest unpinned group {largest} B)"
             )
+
+    def _place(self) -> Placement:
+        """The planner's placement for the current budget (LRU, for comparison, keeps no resident set)."""
+        capacities = {n: e.unit.capacity for n, e in self._entries.items()}
+        pinned = [n for n, e in self._entries.items() if e.pinned]
+        embedding = [u.name for u in self._units_by_group.get(TOKEN_EMBEDDING, [])]
+        budget = self._budget if self.replacement == "auto" else 0
+        if self._budget is None:
+            budget = None
+        return place(capacities, self.sweep_order, budget, pinned, self.prefetch_n_ahead, embedding)
 
     def _load_pinned(self) -> None:
         for entry in self._entries.values():
@@ -444,15 +468,19 @@ class LayerPager:
         return (idx - self._position - 1) % len(self._order_index)
 
     def _victims(self, prefetching: _Entry | None = None) -> list[_Entry]:
-        """Idle unpinned resident units, best victim first."""
+        """Idle unpinned resident units, best victim first.
+
+        Units the placement keeps resident go last (only random access, never the sweep, reaches
+        them), and a prefetch never takes them, nor a unit the sweep needs before the one it brings.
+        """
         idle = [e for e in self._entries.values() if e.state == RESIDENT and not e.refs and not e.pinned]
+        keep = set(self.placement.resident)
         if prefetching is not None:
-            # A prefetch never pushes out a unit the sweep needs before the one it brings in.
             limit = self._distance(prefetching.unit.name)
-            idle = [e for e in idle if self._distance(e.unit.name) > limit]
+            idle = [e for e in idle if e.unit.name not in keep and self._distance(e.unit.name) > limit]
         if self.replacement == "lru":
             return sorted(idle, key=lambda e: e.last_use)
-        return sorted(idle, key=lambda e: self._distance(e.unit.name), reverse=True)
+        return sorted(idle, key=lambda e: (e.unit.name in keep, -self._distance(e.unit.name)))
 
     def _reserve(self, entry: _Entry, for_prefetch: bool) -> np.ndarray | None:
         """Make room for ``entry`` and return its buffer, or None (evicting nothing) if impossible now."""
@@ -497,6 +525,7 @@ class LayerPager:
                 raise PagerError("a resident store has no budget to change")
             largest = max((e.unit.capacity for e in self._entries.values() if not e.pinned), default=0)
             self._budget = max(int(ram_bytes), self.pinned_bytes + largest)
+            self.placement = self._place()
             for victim in self._victims():
                 if self._held_bytes <= self._budget:
                     break
@@ -552,13 +581,25 @@ class LayerPager:
             self._cond.notify_all()
 
     def prefetch_after(self, name: str, n: int | None = None) -> None:
-        """Prefetch the ``n`` (default: the policy's) units that follow ``name`` in the sweep."""
+        """Prefetch the next ``n`` (default: the policy's) units after ``name`` in the sweep that are not in RAM.
+
+        Skipping resident units lets the reader run ahead through a run of them, so the disk keeps
+        working while they compute.
+        """
         n = self.prefetch_n_ahead if n is None else n
         idx = self._order_index.get(name)
         if idx is None or n <= 0:
             return
         order = self.sweep_order
-        self.prefetch([order[(idx + k) % len(order)] for k in range(1, min(n, len(order) - 1) + 1)])
+        wanted: list[str] = []
+        with self._cond:
+            for k in range(1, len(order)):
+                candidate = order[(idx + k) % len(order)]
+                if self._entries[candidate].state != RESIDENT:
+                    wanted.append(candidate)
+                    if len(wanted) == n:
+                        break
+        self.prefetch(wanted)
 
     def _reader_loop(self) -> None:
         while True:

@@ -1,0 +1,456 @@
+"""The planner: what to pin, keep resident and stream for a budget, and what that costs per token.
+
+Placement: the declared pins first; then a streaming window of ``1 + prefetch`` units (the one being
+computed plus the ones being read ahead); the budget left is filled with whole units that stay
+resident, spread evenly over the sweep so reads of the streamed units overlap the compute of the
+resident ones. Steady-state reads per token are then the streamed units plus one embedding row:
+``M - B`` plus at most the window, less the embedding table, which is never read whole.
+
+Prediction: a small event simulation of one decode step — a reader that fetches streamed units
+ahead within the window at the measured disk bandwidth, and compute that takes each unit's bytes at
+the measured rate for its GGML type — gives the stall and the time per token.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from pagellm.modelfile import TOKEN_EMBEDDING, ModelFile
+from pagellm.offload.policy import AnyPolicy, PinnedHotSet, format_size
+
+MiB = 2**20
+RUNTIME_HEADROOM_BYTES = 256 * MiB  # interpreter, numba, activations, logits: measured ~100-150 MiB
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where each unit lives under a budget."""
+
+    pinned: tuple[str, ...]  # declared by the policy; loaded at start, never evicted
+    resident: tuple[str, ...]  # chosen to fill the budget; stay once read
+    streamed: tuple[str, ...]  # cycle through the window every token
+    row_read: tuple[str, ...]  # read by rows on demand (the token embedding)
+    window_bytes: int  # budget kept for streamed units in flight and in use
+    budget_bytes: int | None
+
+    def role(self, unit: str) -> str:
+        """'pinned', 'resident', 'streamed' or 'row_read'."""
+        for name in ("pinned", "resident", "streamed", "row_read"):
+            if unit in getattr(self, name):
+                return name
+        raise KeyError(unit)
+
+
+def place(
+    units: Mapping[str, int],
+    sweep_order: Sequence[str],
+    budget_bytes: int | None,
+    pinned_units: Sequence[str],
+    prefetch_n_ahead: int,
+    embedding_units: Sequence[str] = (),
+) -> Placement:
+    """Choose the placement; ``units`` maps unit name -> buffer bytes (capacity)."""
+    pinned = tuple(u for u in units if u in set(pinned_units))
+    in_sweep = set(sweep_order)
+    row_read = tuple(u for u in embedding_units if u not in pinned and u not in in_sweep)
+    candidates = [u for u in sweep_order if u not in pinned]
+    if budget_bytes is None:
+        return Placement(pinned, tuple(candidates), (), row_read, 0, None)
+    free = budget_bytes - sum(units[u] for u in pinned)
+    if sum(units[u] for u in candidates) <= free:
+        return Placement(pinned, tuple(candidates), (), row_read, 0, budget_bytes)
+    largest = max(units[u] for u in candidates)
+    # The window: one unit in use plus the read-ahead, shrunk if the budget cannot hold it.
+    slots = max(1, min(1 + prefetch_n_ahead, free // largest if largest else 1))
+    window = slots * largest
+    room = free - window
+    resident = _spread(candidates, units, room)
+    streamed = tuple(u for u in candidates if u not in resident)
+    return Placement(pinned, tuple(u for u in candidates if u in resident), streamed, row_read, window, budget_bytes)
+
+
+def _spread(candidates: Sequence[str], units: Mapping[str, int], room: int) -> set[str]:
+    """Pick units that fit in ``room``, evenly spaced over the sweep (so reads interleave with compute)."""
+    if room <= 0 or not candidates:
+        return set()
+    avg = sum(units[u] for u in candidates) / len(candidates)
+    k = min(len(candidates), int(room // avg))
+    chosen: set[str] = set()
+    used = 0
+    if k:
+        for i in range(k):
+            u = candidates[int((i + 0.5) * len(candidates) / k)]
+            if used + units[u] <= room:
+                chosen.add(u)
+                used += units[u]
+    for u in candidates:  # fill what the even spacing left over
+        if u not in chosen and used + units[u] <= room:
+            chosen.add(u)
+            used += units[u]
+    return chosen
+
+
+# -- machine figures -----------------------------------------------------------------------------
+
+
+@dataclass
+class MachineProfile:
+    """Disk bandwidth and compute speed (weight bytes per second, per GGML type) of this machine."""
+
+    disk_bytes_per_s: float = 1.0e9
+    compute_bytes_per_s: dict[str, float] = field(default_factory=dict)
+    layer_overhead_s: float = 2.0e-4  # norms, rope, attention at short context, per block
+    threads: int = 0
+    measured: bool = False
+    source: str = "defaults"
+
+    DEFAULT_COMPUTE = 4.0e9
+
+    def compute_rate(self, ggml_type: str) -> float:
+        """Weight bytes per second a mat-vec of this type runs at."""
+        return self.compute_bytes_per_s.get(ggml_type, self.DEFAULT_COMPUTE)
+
+    @staticmethod
+    def cache_path() -> Path:
+        """Where calibrations are kept (one file per machine)."""
+        import platformdirs
+
+        return Path(platformdirs.user_cache_dir("pagellm")) / f"machine-{platform.node() or 'local'}.json"
+
+    @classmethod
+    def load_or_default(cls, path: Path | None = None) -> "MachineProfile":
+        """The cached calibration of this machine, or rough defaults."""
+        path = path or cls.cache_path()
+        try:
+            data = json.loads(path.read_text())
+            return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+        except (OSError, ValueError, TypeError):
+            return cls()
+
+    def save(self, path: Path | None = None) -> None:
+        """Cache this profile for later runs."""
+        path = path or self.cache_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        os.replace(tmp, path)
+
+
+def measure_disk(path: str | os.PathLike[str], seconds: float = 2.0, chunk: int = 16 * MiB) -> float:
+    """Bytes/s of large O_DIRECT reads of ``path`` (page cache bypassed, or evicted first)."""
+    from pagellm.offload.source import FileSource, allocate_buffer
+
+    with FileSource(path) as src:
+        if src.mode != "direct":
+            src.evict_page_cache()
+        buf = allocate_buffer(chunk + 2 * src.alignment)
+        size = src.file_size
+        n_chunks = max(1, size // chunk)
+        done, t0, i = 0, time.perf_counter(), 0
+        while time.perf_counter() - t0 < seconds and i < n_chunks:
+            n = min(chunk, size - i * chunk)
+            src.read_into(i * chunk, n, buf)
+            done += n
+            i += 1
+        return done / max(time.perf_counter() - t0, 1e-9)
+
+
+def measure_compute(ggml_types: Sequence[str], threads: int | None = None, seconds_each: float = 0.4) -> dict[str, float]:
+    """Weight bytes/s of the fused mat-vec per type, on a 2048 x 5632 weight."""
+    from pagellm import kernels
+    from pagellm.synth import random_weights
+
+    if threads:
+        kernels.set_num_threads(threads)
+    rates = {}
+    rows, cols = 2048, 5632
+    x = np.random.default_rng(0).standard_normal(cols).astype(np.float32)
+    for name in ggml_types:
+        qtype = kernels.type_named(name)
+        raw = random_weights(name, rows, cols, seed=1)
+        kernels.matvec(raw, qtype, cols, x)  # compile and warm
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds_each or n < 3:
+            kernels.matvec(raw, qtype, cols, x)
+            n += 1
+        rates[name] = raw.nbytes * n / (time.perf_counter() - t0)
+    return rates
+
+
+def measure_layer_overhead(mf: ModelFile, repeats: int = 30) -> float:
+    """Seconds per block of everything but the mat-vecs (norms, rope, attention over a short context)."""
+    from pagellm.kv_cache import KVCache
+    from pagellm.models.config import ModelArgs
+    from pagellm.models.llama import LlamaModel, Segment, rms_norm, silu
+
+    args = ModelArgs.from_model_file(mf)
+    model = LlamaModel.__new__(LlamaModel)
+    model.args = args
+    model.inv_freq = args.rope_base ** (-np.arange(args.n_rot // 2) * 2.0 / args.n_rot)
+    cache = KVCache(1, 64, args.n_head_kv, args.head_dim)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, args.n_embd)).astype(np.float32)
+    w = np.ones(args.n_embd, np.float32)
+    q = rng.standard_normal((1, args.n_head, args.head_dim)).astype(np.float32)
+    k = rng.standard_normal((1, args.n_head_kv, args.head_dim)).astype(np.float32)
+    ff = rng.standard_normal((1, args.n_ff)).astype(np.float32)
+    t0 = time.perf_counter()
+    for i in range(repeats):
+        seg = Segment(cache, 32, 0, 1)
+        seg.cos, seg.sin = model.rope_tables(32, 1, None)
+        h = rms_norm(x, w, args.rms_eps)
+        qs = model.rope(q, seg.cos, seg.sin)
+        cache.store(0, 32, model.rope(k, seg.cos, seg.sin), k)
+        model.attention(qs, cache.keys[0, :33], cache.values[0, :33], 32)
+        h = rms_norm(x + h, w, args.rms_eps)
+        (silu(ff) * ff).astype(np.float32)
+    return (time.perf_counter() - t0) / repeats
+
+
+def calibrate(
+    mf: ModelFile,
+    seconds: float = 5.0,
+    threads: int | None = None,
+    progress: Callable[[str], None] | None = None,
+    save: bool = True,
+) -> MachineProfile:
+    """Measure disk bandwidth (on this model's file), compute per type and per-layer overhead; cache it."""
+    types = sorted({t.ggml_type.name for t in mf.tensors.values() if len(t.shape) > 1})
+    if progress:
+        progress("disk")
+    disk = measure_disk(mf.path, seconds=max(0.5, seconds * 0.4))
+    if progress:
+        progress("compute")
+    rates = measure_compute(types, threads, seconds_each=max(0.1, seconds * 0.5 / max(1, len(types))))
+    overhead = measure_layer_overhead(mf)
+    profile = MachineProfile.load_or_default()
+    profile.disk_bytes_per_s = disk
+    profile.compute_bytes_per_s.update(rates)
+    profile.layer_overhead_s = overhead
+    profile.threads = threads or os.cpu_count() or 1
+    profile.measured = True
+    profile.source = f"calibrated {time.strftime('%Y-%m-%d %H:%M')}"
+    if save:
+        profile.save()
+    return profile
+
+
+# -- the plan ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """A placement and what it predicts per decoded token."""
+
+    placement: Placement
+    weight_bytes: int
+    unit_bytes: dict[str, int]  # payload bytes per unit
+    predicted_bytes_per_token: float
+    compute_seconds_per_token: float
+    read_seconds_per_token: float
+    predicted_stall_seconds_per_token: float
+    predicted_seconds_per_token: float
+    floor_seconds_per_token: float
+    profile: MachineProfile
+
+    @property
+    def pinned(self) -> tuple[str, ...]:
+        return self.placement.pinned
+
+    @property
+    def resident(self) -> tuple[str, ...]:
+        return self.placement.resident
+
+    @property
+    def streamed(self) -> tuple[str, ...]:
+        return self.placement.streamed
+
+    @property
+    def row_read(self) -> tuple[str, ...]:
+        return self.placement.row_read
+
+    @property
+    def predicted_tokens_per_s(self) -> float:
+        """Decode tokens per second the plan predicts."""
+        return 1.0 / self.predicted_seconds_per_token
+
+    @property
+    def ratio_to_floor(self) -> float:
+        """Floor time over predicted time (1.0: as fast as the bound allows)."""
+        return self.floor_seconds_per_token / self.predicted_seconds_per_token
+
+    def lines(self) -> list[str]:
+        """A human summary, for the CLI."""
+
+        def names(units: Sequence[str]) -> str:
+            return _compress(units) or "-"
+
+        def size(units: Sequence[str]) -> str:
+            return format_size(sum(self.unit_bytes[u] for u in units))
+
+        p = self.placement
+        budget = format_size(p.budget_bytes) if p.budget_bytes is not None else "unlimited"
+        prof = self.profile
+        return [
+            f"budget {budget} of {format_size(self.weight_bytes)} weights; streaming window {format_size(p.window_bytes)}",
+            f"pinned    {size(p.pinned):>11}  {names(p.pinned)}",
+            f"resident  {size(p.resident):>11}  {names(p.resident)}",
+            f"streamed  {size(p.streamed):>11}  {names(p.streamed)}",
+            f"row reads {'':>11}  {names(p.row_read)} (one row per token)",
+            f"reads per token {format_size(self.predicted_bytes_per_token)}; "
+            f"disk {prof.disk_bytes_per_s / 1e9:.2f} GB/s ({prof.source})",
+            f"compute {self.compute_seconds_per_token * 1e3:.1f} ms/token, reads {self.read_seconds_per_token * 1e3:.1f} ms/token, "
+            f"stall {self.predicted_stall_seconds_per_token * 1e3:.1f} ms/token",
+            f"predicted {self.predicted_tokens_per_s:.2f} tokens/s; floor {1 / self.floor_seconds_per_token:.2f} tokens/s "
+            f"(ratio {self.ratio_to_floor:.2f})",
+        ]
+
+
+def _compress(units: Sequence[str]) -> str:
+    """'blk.0-3, blk.7, output@0-2' from a list of unit names."""
+    out: list[str] = []
+    runs: list[tuple[str, int, int]] = []
+    for u in units:
+        base, sep, idx = u.rpartition("." if u.startswith("blk.") else "@")
+        if sep and idx.isdigit():
+            i = int(idx)
+            if runs and runs[-1][0] == base + sep and runs[-1][2] == i - 1:
+                runs[-1] = (runs[-1][0], runs[-1][1], i)
+                continue
+            runs.append((base + sep, i, i))
+        else:
+            runs.append((u, -1, -1))
+    for prefix, a, b in runs:
+        out.append(prefix if a < 0 else f"{prefix}{a}" if a == b else f"{prefix}{a}-{b}")
+    return ", ".join(out)
+
+
+def simulate_step(
+    order: Sequence[str],
+    streamed: set[str],
+    read_s: Mapping[str, float],
+    compute_s: Mapping[str, float],
+    window_slots: int,
+    prefetch_n_ahead: int,
+) -> tuple[float, float]:
+    """One decode step as two timelines, reader and compute. Returns (seconds, stall seconds).
+
+    As the engine does: acquiring a unit waits for it, then asks for the next ``prefetch_n_ahead``
+    streamed units; the reader reads them one after another, each into a window slot that frees
+    when the unit ``window_slots`` streamed units earlier has been computed. With no prefetch a
+    streamed unit is read when compute reaches it. Two steps are simulated and the second timed,
+    so the first reads overlap the previous step's tail, as in steady decoding.
+    """
+    seq = list(order) * 2
+    positions = [i for i, u in enumerate(seq) if u in streamed]
+    rank = {pos: m for m, pos in enumerate(positions)}  # position -> index among streamed
+    n, slots = prefetch_n_ahead, max(1, window_slots)
+    end = [0.0] * len(seq)
+    ready: dict[int, float] = {}
+    reader_free = 0.0
+    requested = 0  # streamed units handed to the reader so far
+
+    def issue(upto: int, at: float) -> None:
+        nonlocal reader_free, requested
+        while requested <= min(upto, len(positions) - 1):
+            m = requested
+            earlier = positions[m - slots] if m >= slots else None
+            slot_free = end[earlier] if earlier is not None else 0.0
+            start = max(reader_free, at, slot_free)
+            reader_free = ready[positions[m]] = start + read_s[seq[positions[m]]]
+            requested += 1
+
+    clock = stall = step_start = 0.0
+    streamed_seen = 0
+    for i, u in enumerate(seq):
+        if i == len(order):
+            step_start, stall = clock, 0.0
+        start = clock
+        if u in streamed:
+            issue(rank[i], clock)  # a read not yet asked for is asked for now (a miss)
+            start = max(clock, ready[i])
+            stall += start - clock
+            streamed_seen = rank[i] + 1
+        if n > 0:
+            issue(streamed_seen + n - 1, start)  # prefetch_after(u): the next n streamed units
+        clock = end[i] = start + compute_s[u]
+    return clock - step_start, stall
+
+
+def plan_offload(
+    mf: ModelFile,
+    policy: AnyPolicy,
+    profile: MachineProfile | None = None,
+    alignment: int = 4096,
+    n_ctx: int = 512,
+) -> Plan:
+    """Placement and per-token predictions for ``policy`` on this model and machine."""
+    from pagellm.offload.pager import LayerPager
+
+    profile = profile or MachineProfile.load_or_default()
+    units, order, pinned, prefetch = LayerPager.describe(mf, policy, alignment)
+    capacities = {u.name: u.capacity for u in units}
+    placement = place(capacities, order, policy.ram_budget_bytes(), pinned, prefetch,
+                      [u.name for u in units if u.group == TOKEN_EMBEDDING])
+    payload = {u.name: u.nbytes for u in units}
+    types = {u.name: mf.tensors[max(u.slices, key=lambda s: s.nbytes).tensor].ggml_type.name for u in units}
+    compute_s = {u: payload[u] / profile.compute_rate(types[u]) + (profile.layer_overhead_s if u.startswith("blk.") else 0.0)
+                 for u in order}
+    read_s = {u: payload[u] / profile.disk_bytes_per_s for u in order}
+    streamed = set(placement.streamed)
+    embd = mf.tensors["token_embd.weight"]
+    row_bytes = embd.nbytes // embd.shape[1] if len(embd.shape) > 1 else embd.nbytes
+    bytes_per_token = sum(payload[u] for u in streamed) + (row_bytes if placement.row_read else 0)
+    compute = sum(compute_s.values())
+    reads = bytes_per_token / profile.disk_bytes_per_s
+    largest = max((capacities[u] for u in streamed), default=1)
+    slots = max(1, placement.window_bytes // largest) if streamed else 1
+    if streamed:
+        seconds, stall = simulate_step(order, streamed, read_s, compute_s, slots, min(prefetch, slots - 1))
+    else:
+        seconds, stall = compute, 0.0
+    budget = policy.ram_budget_bytes()
+    floor_bytes = max(0, mf.weight_bytes - budget) if budget is not None else 0
+    floor = max(compute, floor_bytes / profile.disk_bytes_per_s)
+    return Plan(placement, mf.weight_bytes, payload, bytes_per_token, compute, reads, stall, max(seconds, 1e-9), floor, profile)
+
+
+# -- automatic budget ----------------------------------------------------------------------------
+
+
+def kv_cache_bytes(mf: ModelFile, n_ctx: int) -> int:
+    """Bytes of a float16 KV cache for ``n_ctx`` positions."""
+    from pagellm.models.config import ModelArgs
+
+    a = ModelArgs.from_model_file(mf)
+    return 2 * a.n_layer * n_ctx * a.n_head_kv * a.head_dim * 2
+
+
+def auto_budget(mf: ModelFile, n_ctx: int, probe=None, policy: AnyPolicy | None = None,
+                headroom_bytes: int = RUNTIME_HEADROOM_BYTES) -> int:
+    """Available RAM (cgroup-aware) minus KV cache and runtime headroom; ValueError if the pins cannot fit."""
+    from pagellm.offload.pager import LayerPager
+    from pagellm.offload.pressure import MemoryProbe
+
+    probe = probe or MemoryProbe()
+    available = int(probe.available_ram_bytes())
+    kv = kv_cache_bytes(mf, n_ctx)
+    budget = available - kv - headroom_bytes
+    policy = policy or PinnedHotSet(max(budget, 1))
+    units, _, pinned, _ = LayerPager.describe(mf, policy, 4096)
+    capacity = {u.name: u.capacity for u in units}
+    need = sum(capacity[u] for u in pinned) + max((c for u, c in capacity.items() if u not in pinned), default=0)
+    if budget < need:
+        raise ValueError(
+            f"not enough free RAM for {mf.path.name}: {format_size(available)} available, minus KV cache "
+            f"{format_size(kv)} and headroom {format_size(headroom_bytes)} leaves {format_size(max(budget, 0))}; "
+            f"the pinned set and one streamed layer need {format_size(need)}"
+        )
+    return min(budget, sum(capacity.values()))

@@ -1,0 +1,101 @@
+import pytest
+from shared_paths import fixture_path
+
+from pagellm.modelfile import ModelFile
+from pagellm.offload import Budget, NoOffload, PinnedHotSet
+from pagellm.offload.pager import LayerPager
+from pagellm.offload.planner import MachineProfile, auto_budget, kv_cache_bytes, place, plan_offload, simulate_step
+from pagellm.offload.pressure import FakeMemoryProbe
+
+MiB = 2**20
+SYNTH = fixture_path("synth-llama-Q8_0")
+ORDER = ["globals"] + [f"blk.{i}" for i in range(10)] + ["output"]
+SIZES = {"globals": 1, "output": 100, "token_embd": 100, **{f"blk.{i}": 100 for i in range(10)}}
+
+
+def test_placement_fills_budget_after_pins_and_window_evenly():
+    p = place(SIZES, ORDER, 751, pinned_units=["output"], prefetch_n_ahead=1, embedding_units=["token_embd"])
+    assert p.pinned == ("output",) and p.row_read == ("token_embd",)
+    assert p.window_bytes == 200  # the unit in use plus one read ahead
+    resident_bytes = sum(SIZES[u] for u in p.resident)
+    assert resident_bytes <= 751 - 100 - 200 and resident_bytes + 100 > 751 - 100 - 200  # nothing more fits
+    assert set(p.resident) | set(p.streamed) == set(ORDER) - {"output"}
+    blocks = [u for u in p.resident if u.startswith("blk.")]
+    gaps = [int(b[4:]) for b in blocks]
+    assert max(b - a for a, b in zip(gaps, gaps[1:])) <= 3  # spread over the sweep, not bunched
+
+
+def test_placement_everything_fits_or_no_budget():
+    p = place(SIZES, ORDER, 10_000, [], 1, ["token_embd"])
+    assert p.streamed == () and set(p.resident) == set(ORDER) and p.window_bytes == 0
+    assert place(SIZES, ORDER, None, [], 1).streamed == ()
+
+
+def test_window_shrinks_to_what_the_budget_holds():
+    p = place(SIZES, ORDER, 150, [], prefetch_n_ahead=4)
+    assert p.window_bytes == 100 and p.resident == ("globals",)
+
+
+def test_simulation_arithmetic():
+    order = ["a", "b", "c", "d"]
+    compute = {u: 1.0 for u in order}
+    # nothing streamed: the time is the compute
+    assert simulate_step(order, set(), {}, compute, 2, 1) == (4.0, 0.0)
+    # disk-bound, everything streamed, reading ahead: the reader is the bottleneck (4 x 3 s)
+    seconds, stall = simulate_step(order, set(order), {u: 3.0 for u in order}, compute, 2, 1)
+    assert seconds == pytest.approx(12.0) and stall == pytest.approx(8.0)
+    # compute-bound with read-ahead: reads hide behind compute
+    seconds, stall = simulate_step(order, {"b", "d"}, {"b": 0.5, "d": 0.5}, compute, 2, 1)
+    assert seconds == pytest.approx(4.0) and stall == pytest.approx(0.0)
+    # no prefetch: every streamed read is waited for
+    seconds, stall = simulate_step(order, {"b", "d"}, {"b": 0.5, "d": 0.5}, compute, 1, 0)
+    assert seconds == pytest.approx(5.0) and stall == pytest.approx(1.0)
+
+
+def test_plan_matches_what_the_pager_does():
+    mf = ModelFile.open(SYNTH)
+    policy = Budget(int(0.4 * mf.weight_bytes))
+    plan = plan_offload(mf, policy, MachineProfile(disk_bytes_per_s=1e9))
+    with LayerPager.build(mf, policy) as pager:
+        assert pager.placement == plan.placement
+        for _ in range(3):
+            for name in pager.sweep_order:
+                with pager.hold(name):
+                    pager.prefetch_after(name)
+        pager.stats.reset()
+        for _ in range(4):
+            for name in pager.sweep_order:
+                with pager.hold(name):
+                    pager.prefetch_after(name)
+        import time
+        time.sleep(0.05)
+        per_sweep = pager.stats.bytes_read / 4
+        assert set(plan.resident) <= set(pager.resident_units())
+    streamed_bytes = sum(plan.unit_bytes[u] for u in plan.streamed)
+    assert streamed_bytes - max(plan.unit_bytes.values()) <= per_sweep <= streamed_bytes + max(plan.unit_bytes.values())
+    row = mf.tensors["token_embd.weight"].nbytes // 32000
+    assert plan.predicted_bytes_per_token == streamed_bytes + row
+    assert plan.predicted_bytes_per_token <= 1.05 * (mf.weight_bytes - policy.ram_bytes) + max(plan.unit_bytes.values())
+    assert plan.floor_seconds_per_token == pytest.approx(max(plan.compute_seconds_per_token, (mf.weight_bytes - policy.ram_bytes) / 1e9))
+    assert any("predicted" in line for line in plan.lines())
+
+
+def test_pinned_policy_placement():
+    mf = ModelFile.open(SYNTH)
+    plan = plan_offload(mf, PinnedHotSet(int(0.95 * mf.weight_bytes), pin_last_n_layers=1))
+    assert {"token_embd@0", "blk.3"} <= set(plan.pinned) and plan.row_read == ()
+    assert plan_offload(mf, NoOffload()).predicted_bytes_per_token == 0
+
+
+def test_auto_budget_uses_the_probe():
+    mf = ModelFile.open(SYNTH)
+    kv = kv_cache_bytes(mf, 512)
+    assert kv == 2 * 4 * 512 * 2 * 32 * 2
+    probe = FakeMemoryProbe(available_bytes=300 * MiB)
+    units = LayerPager.describe(mf, PinnedHotSet(1), 4096)[0]
+    assert auto_budget(mf, 512, probe) == min(300 * MiB - kv - 256 * MiB, sum(u.capacity for u in units))
+    probe.set_available(270 * MiB)
+    assert auto_budget(mf, 512, probe) == 270 * MiB - kv - 256 * MiB
+    probe.set_available(260 * MiB)
+    with pytest.raises(ValueError, match="not enough free RAM"):
+        auto_budget(mf, 512, probe)
