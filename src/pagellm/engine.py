@@ -13,6 +13,7 @@ from pagellm import kernels
 from pagellm.modelfile import ModelFile
 from pagellm.models import LlamaModel, ModelArgs
 from pagellm.offload.pager import LayerPager, PagerStats, ResidentStore
+from pagellm.offload.planner import MachineProfile, Plan, plan_offload
 from pagellm.offload.policy import AnyPolicy, NoOffload, OffloadPolicy
 from pagellm.offload.pressure import peak_rss_bytes, process_rss_bytes
 from pagellm.sampling import Sampler, SamplerConfig, StopChecker
@@ -126,6 +127,7 @@ class InferenceEngine:
         self.tokenizer: Tokenizer | None = None
         self.weights: LayerPager | None = None
         self.model: LlamaModel | None = None
+        self.plan: Plan | None = None
         self.cache = None
         self.n_ctx = 0
         self.stats = GenerationStats()
@@ -148,6 +150,8 @@ class InferenceEngine:
             kernels.set_num_threads(cfg.n_threads)
         self.tokenizer = Tokenizer.from_metadata(mf.metadata)
         self.weights = LayerPager.build(mf, cfg.offload_policy, replacement=cfg.replacement, io_mode=cfg.io_mode)
+        # What the planner expects of this placement on this machine (cached calibration or defaults).
+        self.plan = plan_offload(mf, cfg.offload_policy, MachineProfile.load_or_default(), self.weights.source.alignment)
         self.model_file, self.args, self.n_ctx = mf, args, n_ctx
         self.model = LlamaModel(args, mf, self.weights)
         self.cache = self.model.new_cache(n_ctx)

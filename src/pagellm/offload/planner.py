@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from pagellm.modelfile import TOKEN_EMBEDDING, ModelFile
 from pagellm.offload.policy import AnyPolicy, PinnedHotSet, format_size
@@ -173,7 +174,7 @@ def measure_compute(ggml_types: Sequence[str], threads: int | None = None, secon
     rows, cols = 2048, 5632
     x = np.random.default_rng(0).standard_normal(cols).astype(np.float32)
     for name in ggml_types:
-        qtype = kernels.type_named(name)
+        qtype = GGMLQuantizationType[name]
         raw = random_weights(name, rows, cols, seed=1)
         kernels.matvec(raw, qtype, cols, x)  # compile and warm
         n, t0 = 0, time.perf_counter()

@@ -1,0 +1,151 @@
+"""Decode under a RAM budget, against the floor max(compute, (M - B) / disk bandwidth).
+
+Usage: python benchmarks/offload.py [--dir /tmp/pagellm-models] [--models tinyllama-1b:Q8_0,llama-7b:Q4_0]
+       [--budgets 25,50,75] [--policies budget,pinned,pinned-noembd,lru] [--tokens 6] [--threads 2]
+
+Each row runs in a fresh process, so its peak RSS is its own. Reads use O_DIRECT (the page cache
+never serves them; the file's cached pages are also dropped with POSIX_FADV_DONTNEED before each
+row). Disk bandwidth, compute rate per GGML type and per-layer overhead are measured first
+(pagellm.offload.planner.calibrate); the planner's prediction is printed beside each measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_models import make_one, model_path  # noqa: E402
+
+MiB = 2**20
+POLICY_KINDS = ("budget", "pinned", "pinned-noembd", "lru")
+
+
+def policy_for(kind: str, budget: int):
+    """The policy and replacement a row runs with."""
+    from pagellm.offload import Budget, PinnedHotSet
+
+    if kind == "budget":
+        return Budget(budget), "auto"
+    if kind == "pinned":
+        return PinnedHotSet(budget), "auto"
+    if kind == "pinned-noembd":
+        return PinnedHotSet(budget, pin_embeddings=False), "auto"
+    if kind == "lru":
+        return Budget(budget), "lru"
+    raise ValueError(kind)
+
+
+def run_row(path: str, kind: str, fraction: float, tokens: int, threads: int, warmup: int) -> dict:
+    """One measurement, in this (fresh) process."""
+    from pagellm.engine import EngineConfig, InferenceEngine
+    from pagellm.modelfile import ModelFile
+    from pagellm.offload.pressure import peak_rss_bytes, reset_peak_rss
+    from pagellm.offload.source import FileSource
+    from pagellm.sampling import SamplerConfig
+
+    mf = ModelFile.open(path)
+    budget = int(fraction * mf.weight_bytes)
+    policy, replacement = policy_for(kind, budget)
+    with FileSource(path, "buffered") as src:
+        src.evict_page_cache()
+    reset_peak_rss()
+    eng = InferenceEngine(EngineConfig(path, context_size=256, n_threads=threads, offload_policy=policy,
+                                       replacement=replacement, sampler=SamplerConfig.greedy())).load_model()
+    seq = eng.start([1, 450, 4996, 17354], max_tokens=warmup + tokens + 1)
+    for _ in range(warmup):
+        eng.step([seq])
+    before = eng.weights.stats.snapshot()
+    t0 = time.perf_counter()
+    for _ in range(tokens):
+        eng.step([seq])
+    seconds = time.perf_counter() - t0
+    now = eng.weights.stats
+    read = (now.bytes_read - before.bytes_read) + (now.row_bytes_read - before.row_bytes_read)
+    return {
+        "weight_bytes": mf.weight_bytes,
+        "budget": budget,
+        "tok_s": tokens / seconds,
+        "bytes_per_token": read / tokens,
+        "stall_share": (now.stall_seconds - before.stall_seconds) / seconds,
+        "hit_rate": (now.hits - before.hits) / max(1, now.acquires - before.acquires),
+        "peak_rss": peak_rss_bytes(),
+        "kv_bytes": seq.cache.nbytes,
+        "pager_peak": now.peak_resident_bytes,
+        "largest_unit": max(eng.weights.unit(u).nbytes for u in eng.weights.units),
+        "io_mode": eng.weights.io_mode,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/pagellm-models"))
+    ap.add_argument("--models", default="tinyllama-1b:Q8_0,llama-7b:Q4_0")
+    ap.add_argument("--budgets", default="25,50,75")
+    ap.add_argument("--policies", default=",".join(POLICY_KINDS))
+    ap.add_argument("--tokens", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--calibrate-seconds", type=float, default=4.0)
+    ap.add_argument("--row", nargs=2, metavar=("MODEL", "KIND:FRACTION"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.row:
+        kind, fraction = args.row[1].split(":")
+        print(json.dumps(run_row(args.row[0], kind, float(fraction), args.tokens, args.threads, args.warmup)))
+        return
+
+    from pagellm.modelfile import ModelFile
+    from pagellm.offload.planner import MachineProfile, calibrate, plan_offload
+
+    args.dir.mkdir(parents=True, exist_ok=True)
+    models = [tuple(m.split(":")) for m in args.models.split(",")]
+    profile = MachineProfile()
+    for shape, ggml_type in models:
+        make_one(args.dir, shape, ggml_type, seed=0)
+        mf = ModelFile.open(model_path(args.dir, shape, ggml_type))
+        measured = calibrate(mf, seconds=args.calibrate_seconds, threads=args.threads, save=False)
+        profile.compute_bytes_per_s.update(measured.compute_bytes_per_s)
+        profile.disk_bytes_per_s = measured.disk_bytes_per_s  # same disk for every file
+        profile.layer_overhead_s = measured.layer_overhead_s
+    rates = ", ".join(f"{t} {r / 1e9:.2f} GB/s" for t, r in sorted(profile.compute_bytes_per_s.items()))
+    print(f"disk {profile.disk_bytes_per_s / 1e9:.2f} GB/s (O_DIRECT); compute {rates}; "
+          f"{profile.layer_overhead_s * 1e3:.2f} ms/layer besides mat-vecs; {args.threads} threads")
+    header = (f"{'model':28s} {'policy':14s} {'budget':>6s} | {'tok/s':>6s} {'floor':>6s} {'ratio':>5s} | "
+              f"{'MB read/tok':>11s} {'(M-B) MB':>8s} {'ok':>3s} | {'stall':>5s} | {'peak RSS':>8s} {'B+KV+200':>8s} {'ok':>3s} | "
+              f"{'planned':>7s} {'err':>5s}")
+    print(header)
+    print("-" * len(header))
+    for shape, ggml_type in models:
+        path = model_path(args.dir, shape, ggml_type)
+        mf = ModelFile.open(path)
+        for pct in (int(b) for b in args.budgets.split(",")):
+            for kind in args.policies.split(","):
+                out = subprocess.run([sys.executable, __file__, "--row", str(path), f"{kind}:{pct / 100}",
+                                      "--tokens", str(args.tokens), "--threads", str(args.threads), "--warmup", str(args.warmup)],
+                                     capture_output=True, text=True)
+                if out.returncode:
+                    print(f"{path.name:28s} {kind:14s} {pct:5d}% | failed: {out.stderr.strip().splitlines()[-1]}", flush=True)
+                    continue
+                r = json.loads(out.stdout)
+                B, M = r["budget"], r["weight_bytes"]
+                policy, _ = policy_for(kind, B)
+                plan = plan_offload(mf, policy, profile)
+                floor_s = max(plan.compute_seconds_per_token, (M - B) / profile.disk_bytes_per_s)
+                ratio = r["tok_s"] * floor_s
+                bytes_ok = r["bytes_per_token"] <= 1.05 * (M - B) + r["largest_unit"]
+                rss_limit = B + r["kv_bytes"] + 200 * MiB
+                rss_ok = r["peak_rss"] <= rss_limit
+                err = (plan.predicted_tokens_per_s - r["tok_s"]) / r["tok_s"]
+                print(f"{path.name:28s} {kind:14s} {pct:5d}% | {r['tok_s']:6.2f} {1 / floor_s:6.2f} {ratio:5.2f} | "
+                      f"{r['bytes_per_token'] / 1e6:11.0f} {(M - B) / 1e6:8.0f} {'yes' if bytes_ok else 'NO':>3s} | "
+                      f"{r['stall_share']:5.2f} | {r['peak_rss'] / MiB:8.0f} {rss_limit / MiB:8.0f} {'yes' if rss_ok else 'NO':>3s} | "
+                      f"{plan.predicted_tokens_per_s:7.2f} {err:+5.0%}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
