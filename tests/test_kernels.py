@@ -1,0 +1,220 @@
+"""Kernels against gguf-py's reference dequantization, for every supported GGML type."""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from pagellm import kernels
+
+TYPES = sorted(kernels.SUPPORTED_TYPES, key=lambda t: t.value)
+FLOAT_TYPES = {T.F32, T.F16, T.BF16}
+
+# Byte offsets of the f16 scale fields inside one block (ggml's block_* structs). Random bytes
+# are valid blocks once these hold finite, moderate values: every other bit pattern is a quant.
+F16_FIELDS = {
+    T.Q8_0: (0,),
+    T.Q4_0: (0,),
+    T.Q4_1: (0, 2),
+    T.Q5_0: (0,),
+    T.Q5_1: (0, 2),
+    T.Q2_K: (80, 82),
+    T.Q3_K: (108,),
+    T.Q4_K: (0, 2),
+    T.Q5_K: (0, 2),
+    T.Q6_K: (208,),
+}
+
+
+def reference_dequantize(raw: np.ndarray, t: T, cols: int) -> np.ndarray:
+    """gguf-py's float32 weights [rows, cols] for raw bytes [rows, row_bytes]."""
+    if t == T.BF16:
+        return gguf.quants.BF16.dequantize(raw).reshape(-1, cols)
+    if t in (T.F32, T.F16):
+        return gguf.quants.dequantize(raw.view(np.float32 if t == T.F32 else np.float16), t).reshape(-1, cols)
+    return gguf.quants.dequantize(raw, t).reshape(-1, cols)
+
+
+def quantized_tensor(t: T, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray | None:
+    """Raw bytes [rows, row_bytes] from quantizing random floats with gguf-py, or None if it cannot."""
+    weights = (rng.standard_normal((rows, cols)) * rng.uniform(0.01, 2.0, size=(rows, 1))).astype(np.float32)
+    if t == T.F32:
+        return weights.view(np.uint8)
+    if t == T.F16:
+        return weights.astype(np.float16).view(np.uint8)
+    try:
+        return gguf.quants.quantize(weights, t)
+    except NotImplementedError:
+        return None
+
+
+def random_bytes_tensor(t: T, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Raw bytes [rows, row_bytes]: random quants with the f16 scales set to finite, moderate values."""
+    if t in FLOAT_TYPES:  # every field is a float: draw floats spanning many binades instead
+        weights = (rng.standard_normal((rows, cols)) * 2.0 ** rng.integers(-20, 10, size=(rows, cols))).astype(np.float32)
+        if t == T.F32:
+            return weights.view(np.uint8)
+        if t == T.F16:
+            return weights.astype(np.float16).view(np.uint8)
+        return gguf.quants.BF16.quantize(weights)
+    block_size, type_size = gguf.GGML_QUANT_SIZES[t]
+    blocks = rng.integers(0, 256, size=(rows * cols // block_size, type_size), dtype=np.uint8)
+    for offset in F16_FIELDS[t]:
+        scales = (rng.uniform(-1.0, 1.0, size=blocks.shape[0]) * 2.0 ** rng.integers(-12, 2, size=blocks.shape[0]))
+        blocks[:, offset:offset + 2] = scales.astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(rows, -1)
+
+
+def make_inputs(t: T, rows: int, blocks_per_row: int, rng: np.random.Generator):
+    """Every raw tensor to test for ``t``: quantized floats (when gguf-py can) and random bytes."""
+    block_size = gguf.GGML_QUANT_SIZES[t][0]
+    cols = blocks_per_row * (block_size if block_size > 1 else 43)  # 43: a float row not a multiple of anything
+    tensors = [random_bytes_tensor(t, rows, cols, rng)]
+    quantized = quantized_tensor(t, rows, cols, rng)
+    if quantized is not None:
+        tensors.append(quantized)
+    return cols, tensors
+
+
+SHAPES = [(1, 1), (7, 3), (37, 2)]  # (rows, blocks per row): one row, odd row counts
+
+
+def assert_close_product(actual: np.ndarray, weights: np.ndarray, x: np.ndarray) -> None:
+    """actual ~ x @ weights.T within float32 summation error (rtol 1e-4 of sum |w| |x|)."""
+    expected = x.astype(np.float64) @ weights.T.astype(np.float64)
+    bound = 1e-4 * (np.abs(x).astype(np.float64) @ np.abs(weights).T.astype(np.float64)) + 1e-30
+    assert actual.shape == expected.shape
+    assert np.all(np.abs(actual - expected) <= bound), np.max(np.abs(actual - expected) / bound)
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("rows,blocks_per_row", SHAPES)
+def test_dequantize_matches_gguf(t, rows, blocks_per_row):
+    rng = np.random.default_rng([t.value, rows, blocks_per_row])
+    cols, tensors = make_inputs(t, rows, blocks_per_row, rng)
+    for raw in tensors:
+        ours = kernels.dequantize(raw, t, cols)
+        reference = reference_dequantize(raw, t, cols)
+        assert ours.dtype == np.float32 and ours.shape == (rows, cols)
+        if t in FLOAT_TYPES:
+            np.testing.assert_array_equal(ours, reference)
+        else:
+            scale = np.abs(reference).max()
+            np.testing.assert_allclose(ours, reference, rtol=1e-6, atol=1e-6 * scale)
+        # the whole tensor as one flat byte buffer, as the pager hands it over
+        np.testing.assert_array_equal(kernels.dequantize(raw.reshape(-1), t, cols), ours)
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("rows,blocks_per_row", SHAPES)
+def test_matvec_matches_dequantized_product(t, rows, blocks_per_row):
+    rng = np.random.default_rng([t.value, rows, blocks_per_row, 1])
+    cols, tensors = make_inputs(t, rows, blocks_per_row, rng)
+    for raw in tensors:
+        weights = reference_dequantize(raw, t, cols)
+        x = rng.standard_normal(cols).astype(np.float32)
+        assert_close_product(kernels.matvec(raw, t, cols, x), weights, x)
+        out = np.full(rows, np.nan, dtype=np.float32)
+        assert kernels.matvec(raw, t, cols, x, out=out) is out
+        assert_close_product(out, weights, x)
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("n", [1, 3, 64])
+def test_matmul_matches_dequantized_product(t, n):
+    rng = np.random.default_rng([t.value, n, 2])
+    cols, tensors = make_inputs(t, 37, 2, rng)
+    for raw in tensors:
+        weights = reference_dequantize(raw, t, cols)
+        X = rng.standard_normal((n, cols)).astype(np.float32)
+        result = kernels.matmul(raw, t, cols, X)
+        assert result.dtype == np.float32 and result.shape == (n, 37)
+        assert_close_product(result, weights, X)
+
+
+@pytest.mark.parametrize("n", [kernels.FUSED_MATMUL_MAX_VECTORS, kernels.FUSED_MATMUL_MAX_VECTORS + 1])
+def test_matmul_on_both_sides_of_the_crossover(n, monkeypatch):
+    # a tiny tile budget makes the BLAS path cross several row tiles, the last one partial
+    monkeypatch.setattr(kernels, "_TILE_BYTES", 4 * 64 * 16)
+    rng = np.random.default_rng(n)
+    raw = quantized_tensor(T.Q8_0, 37, 64, rng)
+    weights = reference_dequantize(raw, T.Q8_0, 64)
+    X = rng.standard_normal((n, 64)).astype(np.float32)
+    assert_close_product(kernels.matmul(raw, T.Q8_0, 64, X), weights, X)
+
+
+def test_every_half_float_converts_exactly():
+    every_half = np.arange(1 << 16, dtype=np.uint16).view(np.uint8).reshape(256, 512)
+    ours = kernels.dequantize(every_half, T.F16, 256).reshape(-1)
+    reference = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    nan = np.isnan(reference)
+    np.testing.assert_array_equal(np.isnan(ours), nan)
+    np.testing.assert_array_equal(ours[~nan].view(np.uint32), reference[~nan].view(np.uint32))
+
+
+def test_non_contiguous_inputs():
+    rng = np.random.default_rng(7)
+    raw = quantized_tensor(T.Q4_0, 8, 64, rng)
+    weights = reference_dequantize(raw, T.Q4_0, 64)
+    # strided raw bytes would need a hidden copy of the weights: refused
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.matvec(raw[::2], T.Q4_0, 64, np.ones(64, np.float32))
+    # strided or float64 activations are small: converted
+    x_strided = rng.standard_normal(128).astype(np.float32)[::2]
+    assert_close_product(kernels.matvec(raw, T.Q4_0, 64, x_strided), weights, x_strided)
+    X_fortran = np.asfortranarray(rng.standard_normal((3, 64)))
+    assert_close_product(kernels.matmul(raw, T.Q4_0, 64, X_fortran), weights, X_fortran.astype(np.float32))
+
+
+def test_float_tensors_given_as_float_arrays():
+    # gguf's reader hands F32/F16 tensors over as float arrays rather than bytes
+    weights = np.random.default_rng(3).standard_normal((5, 9)).astype(np.float32)
+    np.testing.assert_array_equal(kernels.dequantize(weights, T.F32, 9), weights)
+    np.testing.assert_array_equal(kernels.dequantize(weights.astype(np.float16), T.F16, 9),
+                                  weights.astype(np.float16).astype(np.float32))
+
+
+def test_shape_errors():
+    raw = np.zeros((4, 34), np.uint8)
+    with pytest.raises(ValueError, match="whole blocks"):
+        kernels.row_bytes(T.Q8_0, 48)
+    with pytest.raises(ValueError, match="whole rows"):
+        kernels.dequantize(raw.reshape(-1)[:100], T.Q8_0, 32)
+    with pytest.raises(ValueError, match="cols=32"):
+        kernels.matvec(raw, T.Q8_0, 32, np.zeros(31, np.float32))
+    with pytest.raises(ValueError, match="out"):
+        kernels.matvec(raw, T.Q8_0, 32, np.zeros(32, np.float32), out=np.zeros(3, np.float32))
+    with pytest.raises(ValueError):
+        kernels.matmul(raw, T.Q8_0, 32, np.zeros(32, np.float32))  # X must be 2-D
+
+
+def test_direct_kernels_validate_shapes():
+    # the per-type kernels themselves refuse mismatched shapes instead of reading out of bounds
+    raw = np.zeros((4, 34), np.uint8)
+    with pytest.raises(ValueError):
+        kernels.KERNELS[T.Q8_0].matvec(raw, np.zeros(64, np.float32), np.zeros(4, np.float32))
+    with pytest.raises(ValueError):
+        kernels.KERNELS[T.Q8_0].dequantize(raw, np.zeros((4, 64), np.float32))
+
+
+def test_unsupported_types():
+    assert kernels.is_supported(T.Q4_0) and kernels.is_supported(int(T.Q4_0))
+    assert not kernels.is_supported(T.IQ2_XXS)
+    assert not kernels.is_supported(12345)
+    for call in (
+        lambda: kernels.row_bytes(T.IQ2_XXS, 256),
+        lambda: kernels.dequantize(np.zeros(66, np.uint8), T.IQ2_XXS, 256),
+        lambda: kernels.matvec(np.zeros(66, np.uint8), T.IQ2_XXS, 256, np.zeros(256, np.float32)),
+        lambda: kernels.matmul(np.zeros(66, np.uint8), T.IQ2_XXS, 256, np.zeros((1, 256), np.float32)),
+    ):
+        with pytest.raises(ValueError, match="IQ2_XXS"):
+            call()
+
+
+def test_supported_types_cover_the_fixtures():
+    expected = {T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K}
+    assert expected <= kernels.SUPPORTED_TYPES
+    for t in expected:
+        block_size, type_size = gguf.GGML_QUANT_SIZES[t]
+        assert kernels.row_bytes(t, 256) == 256 // block_size * type_size
