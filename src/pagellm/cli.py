@@ -223,7 +223,6 @@ def _option_group(cls: type, param_name: str, options: Sequence[Callable]) -> Ca
 class SamplingOptions:
     """Sampling flags, as llama.cpp spells them."""
 
-    n_predict: int
     temp: float
     top_k: int
     top_p: float
@@ -249,16 +248,19 @@ class SamplingOptions:
                 message = message.replace(f"SamplerConfig.{field_name}", flag)
             raise CliError(message) from None
 
-    def max_tokens(self, n_ctx: int) -> int:
-        """Tokens to generate; -1 means until the end of text or a full context."""
-        if self.n_predict < -1:
-            raise CliError(f"-n must be -1 (no limit) or >= 0, got {self.n_predict}")
-        return n_ctx if self.n_predict == -1 else self.n_predict
 
+def max_tokens(n_predict: int, n_ctx: int) -> int:
+    """Tokens to generate for -n; -1 means until the end of text or a full context."""
+    if n_predict < -1:
+        raise CliError(f"-n must be -1 (no limit) or >= 0, got {n_predict}")
+    return n_ctx if n_predict == -1 else n_predict
+
+
+_N_PREDICT_OPTION = click.option(
+    "-n", "--n-predict", "n_predict", type=int, default=DEFAULT_N_PREDICT, show_default=True, metavar="N",
+    help="Tokens to generate (-1: until the end of text or a full context).")
 
 sampling_options = _option_group(SamplingOptions, "sampling", [
-    click.option("-n", "--n-predict", "n_predict", type=int, default=DEFAULT_N_PREDICT, show_default=True,
-                 metavar="N", help="Tokens to generate (-1: until the end of text or a full context)."),
     click.option("--temp", type=float, default=0.8, show_default=True, help="Temperature (0: greedy)."),
     click.option("--top-k", type=int, default=40, show_default=True, help="Top-k sampling (0: off)."),
     click.option("--top-p", type=float, default=0.95, show_default=True, help="Top-p sampling (1.0: off)."),
@@ -440,11 +442,12 @@ def cli() -> None:
 @click.option("--echo", is_flag=True, help="Print the prompt before the generated text.")
 @click.option("--stats/--no-stats", default=True, show_default=True,
               help="Print the stats line on stderr at the end.")
+@_N_PREDICT_OPTION
 @sampling_options
 @engine_options
 @_debug_option
 def run(model: str, prompt: str | None, prompt_file: Any, stop: tuple[str, ...], echo: bool, stats: bool,
-        sampling: SamplingOptions, engine_opts: EngineOptions) -> None:
+        n_predict: int, sampling: SamplingOptions, engine_opts: EngineOptions) -> None:
     """Generate text from a prompt, streaming tokens to stdout.
 
     At the end one line of figures goes to stderr: prompt and decode tokens/s, bytes read per
@@ -456,7 +459,7 @@ def run(model: str, prompt: str | None, prompt_file: Any, stop: tuple[str, ...],
         writer = _TokenWriter()
         if echo:
             writer(-1, text)
-        generation = engine.generate(text, max_tokens=sampling.max_tokens(engine.n_ctx), on_token=writer,
+        generation = engine.generate(text, max_tokens=max_tokens(n_predict, engine.n_ctx), on_token=writer,
                                      stop=list(stop) or None)
         writer.end_line()
     finally:
@@ -500,10 +503,12 @@ def _read_turn(interactive: bool) -> str | None:
 @click.argument("model", type=click.Path(dir_okay=True))
 @click.option("-sys", "--system", "system", default=None, metavar="TEXT", help="System prompt.")
 @click.option("--stats/--no-stats", default=False, show_default=True, help="Print the stats line after each reply.")
+@_N_PREDICT_OPTION
 @sampling_options
 @engine_options
 @_debug_option
-def chat(model: str, system: str | None, stats: bool, sampling: SamplingOptions, engine_opts: EngineOptions) -> None:
+def chat(model: str, system: str | None, stats: bool, n_predict: int, sampling: SamplingOptions,
+         engine_opts: EngineOptions) -> None:
     """Chat with a model through its chat template, one line per message.
 
     Type /exit (or Ctrl-D) to leave and /reset to forget the conversation. Input may be piped:
@@ -517,7 +522,7 @@ def chat(model: str, system: str | None, stats: bool, sampling: SamplingOptions,
         start: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
         messages = list(start)
         interactive = sys.stdin.isatty()
-        max_tokens = sampling.max_tokens(engine.n_ctx)
+        reply_tokens = max_tokens(n_predict, engine.n_ctx)
         if interactive:
             _err(f"chatting with {Path(model).name} (template: {template.name}); /exit or Ctrl-D to leave, /reset to forget")
         while (line := _read_turn(interactive)) is not None:
@@ -530,22 +535,23 @@ def chat(model: str, system: str | None, stats: bool, sampling: SamplingOptions,
                 messages = list(start)
                 continue
             messages.append({"role": "user", "content": line})
-            _chat_turn(engine, template, messages, max_tokens, stats)
+            _chat_turn(engine, template, messages, reply_tokens, stats)
     finally:
         engine.close()
 
 
-def _chat_turn(engine: "InferenceEngine", template: Any, messages: list[dict[str, str]], max_tokens: int,
+def _chat_turn(engine: "InferenceEngine", template: Any, messages: list[dict[str, str]], reply_tokens: int,
                stats: bool) -> None:
     """Generate and print one reply, adding it to ``messages``."""
     try:
-        ids = _chat_prompt_ids(engine, template, messages, reserve=max(1, min(max_tokens, engine.n_ctx // 2)))
+        ids = _chat_prompt_ids(engine, template, messages, reserve=max(1, min(reply_tokens, engine.n_ctx // 2)))
     except CliError as e:
         messages.pop()  # keep the conversation usable: forget the turn that cannot fit
         _err(f"{PROG}: error: {e}")
         return
     writer = _TokenWriter()
-    generation = engine.generate(ids, max_tokens=max_tokens, on_token=writer, stop=list(template.default_stop) or None)
+    generation = engine.generate(ids, max_tokens=reply_tokens, on_token=writer,
+                                 stop=list(template.default_stop) or None)
     writer.end_line()
     messages.append({"role": "assistant", "content": generation.text.strip()})
     if stats:
@@ -860,22 +866,30 @@ def _progress_items(items: Sequence[Any], label: str) -> Iterator[Any]:
 @click.option("--port", type=int, default=8080, show_default=True, help="Port to listen on.")
 @click.option("--api-key", default=None, envvar="PAGELLM_API_KEY", metavar="KEY",
               help="Require 'Authorization: Bearer KEY' (also read from PAGELLM_API_KEY).")
-@click.option("--alias", "model_alias", default=None, help="Model name the API reports (default: the file name).")
+@click.option("--alias", "--model-name", "model_name", default=None, metavar="NAME",
+              help="Model name the API reports (default: the file name without .gguf).")
+@click.option("-np", "--parallel", "--max-batch", "max_batch", type=int, default=8, show_default=True,
+              help="Requests decoded together (each layer read once serves all of them).")
+@click.option("--max-queue", type=int, default=64, show_default=True, help="Requests waiting beyond these get 429.")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
+              show_default=True)
 @sampling_options
 @engine_options
 @_debug_option
-def serve(model: str, host: str, port: int, api_key: str | None, model_alias: str | None,
-          sampling: SamplingOptions, engine_opts: EngineOptions) -> None:
-    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)."""
+def serve(model: str, host: str, port: int, api_key: str | None, model_name: str | None, max_batch: int,
+          max_queue: int, log_level: str, sampling: SamplingOptions, engine_opts: EngineOptions) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API.
+
+    Endpoints: /v1/models, /v1/completions, /v1/chat/completions (streaming as SSE), /health,
+    /metrics. The sampling options set the defaults a request does not override.
+    """
     from pagellm.modelfile import ModelFile
     from pagellm.server import serve as serve_http
 
     ModelFile.open(model)  # fail fast with a one-line error before the server starts
     config = engine_opts.engine_config(model, sampling.sampler_config())
-    kwargs: dict[str, Any] = {"engine_config": config}
-    if model_alias:
-        kwargs["model_alias"] = model_alias
-    serve_http(model, host, port, api_key, **kwargs)
+    serve_http(model, host=host, port=port, api_key=api_key, engine_config=config, model_name=model_name,
+               log_level=log_level, max_batch=max_batch, max_queue=max_queue)
 
 
 # ----------------------------------------------------------------------------- make-model
