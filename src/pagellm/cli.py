@@ -952,7 +952,7 @@ def _demo_setups() -> dict[str, DemoSetup]:
     # head (pinned) are 70 MiB. Larger models make paging's cost plain but push past 2 minutes.
     demo = ModelShape(n_layer=16, n_embd=1024, n_ff=2816, n_head=16, n_head_kv=4, n_vocab=32000, n_ctx=2048)
     return {
-        "demo": DemoSetup("demo", demo, "Q8_0", 0.4, 24),
+        "demo": DemoSetup("demo", demo, "Q8_0", 0.4, 16),
         "tiny": DemoSetup("tiny", SHAPES["tiny"], "Q8_0", 0.4, 4),
     }
 
