@@ -25,7 +25,7 @@ import uvicorn
 from openai import OpenAI
 
 from pagellm import LLM
-from pagellm.server import ServerLimits, create_app
+from pagellm.server import ServerLimits, create_app, uvicorn_config
 from shared_paths import models_dir
 
 MODEL = models_dir() / "stories260K.gguf"
@@ -334,9 +334,9 @@ class InProcess:
     thread: threading.Thread
 
 
-def run_in_thread(app: Any) -> InProcess:
+def run_in_thread(app: Any, limits: ServerLimits | None = None) -> InProcess:
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, limits or ServerLimits(), log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_until(lambda: server.started, 30, "uvicorn to start")
@@ -397,15 +397,16 @@ def test_queue_bound_answers_429(local_llm: LLM, monkeypatch: pytest.MonkeyPatch
     real_step = engine.step
 
     def slow_step(seqs: list) -> None:
-        time.sleep(0.05)  # keep the first request busy long enough to fill the queue
+        time.sleep(0.1)  # keep the first request busy long enough to fill the queue
         real_step(seqs)
 
     monkeypatch.setattr(engine, "step", slow_step)
-    running = run_in_thread(create_app(local_llm, NAME, limits=ServerLimits(max_queue=1, max_batch=1)))
+    limits = ServerLimits(max_queue=1, max_batch=1)
+    running = run_in_thread(create_app(local_llm, NAME, limits=limits), limits)
     try:
         health = lambda: httpx.get(running.base + "/health", timeout=10).json()  # noqa: E731
         results: list[httpx.Response] = []
-        first = threading.Thread(target=lambda: results.append(complete(running.base, "", 60)))
+        first = threading.Thread(target=lambda: results.append(complete(running.base, "", 20)))
         first.start()
         wait_until(lambda: health()["active"] == 1, 30, "the first request to be active")
         second = threading.Thread(target=lambda: results.append(complete(running.base, "", 5)))
@@ -417,5 +418,38 @@ def test_queue_bound_answers_429(local_llm: LLM, monkeypatch: pytest.MonkeyPatch
         first.join(timeout=60)
         second.join(timeout=60)
         assert [r.status_code for r in results] == [200, 200]
+    finally:
+        shut(running)
+
+
+def test_slow_and_idle_clients_are_cut_off(local_llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_step = local_llm.engine.step
+    monkeypatch.setattr(local_llm.engine, "step", lambda seqs: (time.sleep(0.05), real_step(seqs)))
+    limits = ServerLimits(header_timeout_s=0.5, body_timeout_s=0.5, max_connections=3)
+    app = create_app(local_llm, NAME, limits=limits)
+    running = run_in_thread(app, limits)
+    port = int(running.base.rsplit(":", 1)[1])
+    try:
+        # Headers that never finish: the connection is closed.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+            assert sock.recv(1024) == b""
+        # A body that never finishes: 408.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"pro")
+            assert sock.recv(1024).startswith(b"HTTP/1.1 408")
+        # Connections beyond the limit: 503 at once.
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+        try:
+            assert httpx.get(running.base + "/health", timeout=10).status_code == 503
+        finally:
+            for sock in idle:
+                sock.close()
+        # A non-streaming client that gives up: its generation is cancelled.
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(running.base + "/v1/completions", json={"prompt": "", "max_tokens": 60, "temperature": 0},
+                       timeout=httpx.Timeout(10, read=0.5))
+        metrics = app.state.metrics
+        wait_until(lambda: metrics.cancelled >= 1 and app.state.scheduler.active == 0, 30, "the cancellation")
     finally:
         shut(running)

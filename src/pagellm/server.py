@@ -30,11 +30,13 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+import h11
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pagellm.api import (LLM, PromptBuilder, chat_chunk, chat_dict, completion_dict, merge_stops, new_id,
                          openai_finish_reason, usage_dict)
@@ -52,6 +54,7 @@ class ServerLimits:
 
     max_body_bytes: int = 1 << 20  # larger bodies get 413 before any byte is parsed
     body_timeout_s: float = 30.0  # the whole body must arrive within this (slow clients get 408)
+    header_timeout_s: float = 10.0  # request line and headers must arrive within this, or the connection closes
     max_json_depth: int = 32  # nesting deeper than any valid request gets 400
     max_queue: int = 64  # requests waiting for a slot; beyond it 429
     max_batch: int = 8  # sequences decoded together in one step
@@ -352,6 +355,7 @@ class Job:
         self.failed = False
         self._events: deque[tuple[str, Any]] = deque()
         self._wakeup = asyncio.Event()
+        self._last_check = loop.time()
 
     # scheduler side
     def push(self, kind: str, value: Any) -> None:
@@ -369,8 +373,15 @@ class Job:
 
     # handler side
     async def next_event(self, request: Request, poll_s: float) -> tuple[str, Any]:
-        """The next event, raising _ClientGone if the client disconnects while we wait."""
+        """The next event, raising _ClientGone if the client has disconnected (checked every ``poll_s``)."""
         while True:
+            # Checked on a clock, not only when no event comes: tokens arriving faster than the
+            # poll interval must not hide a client that left.
+            now = self.loop.time()
+            if now - self._last_check >= poll_s:
+                self._last_check = now
+                if await request.is_disconnected():
+                    raise _ClientGone()
             if self._events:
                 return self._events.popleft()
             self._wakeup.clear()
@@ -379,8 +390,7 @@ class Job:
             try:
                 await asyncio.wait_for(self._wakeup.wait(), poll_s)
             except TimeoutError:
-                if await request.is_disconnected():
-                    raise _ClientGone() from None
+                pass
 
 
 class Metrics:
@@ -881,14 +891,7 @@ def serve(model_path: str | os.PathLike[str], host: str = "127.0.0.1", port: int
     config = replace(engine_config, model_path=model_path) if engine_config else EngineConfig(model_path)
     engine = InferenceEngine(config).load_model()
     app = create_app(engine, model_name, api_key=api_key, limits=server_limits)
-    uv_config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level,
-        timeout_keep_alive=server_limits.keep_alive_s,
-        limit_concurrency=server_limits.max_connections,
-        timeout_graceful_shutdown=server_limits.graceful_shutdown_s,
-        h11_max_incomplete_event_size=64 * 1024,  # request line and headers; a body is streamed, not buffered
-        server_header=False,
-    )
+    uv_config = uvicorn_config(app, host, port, server_limits, log_level)
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for its previous handler;
     # ours turns it into a clean exit (status 0, engine closed) instead of death by signal.
     in_main = threading.current_thread() is threading.main_thread()
@@ -901,6 +904,62 @@ def serve(model_path: str | os.PathLike[str], host: str = "127.0.0.1", port: int
         engine.close()
         if in_main:
             signal.signal(signal.SIGTERM, previous)
+
+
+def uvicorn_config(app: FastAPI, host: str, port: int, limits: ServerLimits, log_level: str = "info") -> uvicorn.Config:
+    """uvicorn's configuration carrying the limits that act below the application (connections, timeouts)."""
+    protocol = type("H11WithHeaderTimeout", (_H11WithHeaderTimeout,), {"header_timeout_s": limits.header_timeout_s})
+    return uvicorn.Config(
+        app, host=host, port=port, log_level=log_level,
+        http=protocol,
+        timeout_keep_alive=limits.keep_alive_s,
+        limit_concurrency=limits.max_connections,
+        timeout_graceful_shutdown=limits.graceful_shutdown_s,
+        h11_max_incomplete_event_size=64 * 1024,  # request line and headers; a body is streamed, not buffered
+        server_header=False,
+    )
+
+
+class _H11WithHeaderTimeout(H11Protocol):
+    """uvicorn's h11 protocol plus a deadline for the request line and headers.
+
+    uvicorn bounds the idle time between keep-alive requests but not a client that sends headers a
+    byte at a time; without a deadline a few hundred such clients would hold every connection slot.
+    """
+
+    header_timeout_s = 10.0
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        """Start the header deadline as the connection opens."""
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        """Cancel the deadline once headers are complete; restart it when a keep-alive request begins."""
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:
+            self._cancel_header_timer()
+        elif self._header_timer is None:
+            self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Drop the deadline with the connection."""
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
 
 
 def _exit_cleanly(_signum: int, _frame: Any) -> None:
