@@ -6,7 +6,6 @@ limits run the app in this process (uvicorn in a thread) so the engine can be pa
 from __future__ import annotations
 
 import json
-import re
 import signal
 import socket
 import subprocess
