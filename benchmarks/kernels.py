@@ -6,7 +6,7 @@ Weights are 2048x5632 and 5632x2048 (rows x cols: a TinyLlama-sized feed-forward
 call reads a different copy of the weights, enough copies to overflow the last-level cache, so
 the figures are what decoding a model larger than the cache sees; the first line measures the
 machine's plain read bandwidth the same way, the ceiling a mat-vec can reach. Times are the best
-of several trials (this is meant for shared, noisy machines too). ``--crossover`` also times
+of all calls, with the median beside it (this is meant for shared, noisy machines too). ``--crossover`` also times
 matmul with n vectors, fused kernel against tiled dequantize + BLAS, the basis of
 ``pagellm.kernels.FUSED_MATMUL_MAX_VECTORS``.
 """
@@ -50,31 +50,38 @@ def copies_past_cache(raw: np.ndarray) -> list[np.ndarray]:
     return [raw] + [raw.copy() for _ in range(n - 1)]
 
 
-def best_seconds(call, n_variants: int) -> float:
-    """Best over TRIALS of the mean time of one call, cycling through ``n_variants`` inputs."""
+def call_seconds(call, n_variants: int) -> tuple[float, float]:
+    """(best, median) seconds of one call over TRIALS passes through ``n_variants`` inputs.
+
+    The best call is what the kernel can do; the median shows how much a busy machine took away.
+    """
     call(0)
-    best = float("inf")
+    seconds = []
     for _ in range(TRIALS):
-        start = time.perf_counter()
         for i in range(n_variants):
+            start = time.perf_counter()
             call(i)
-        best = min(best, (time.perf_counter() - start) / n_variants)
-    return best
+            seconds.append(time.perf_counter() - start)
+    return float(np.min(seconds)), float(np.median(seconds))
 
 
 @numba.njit(parallel=True, nogil=True, fastmath=True)
-def _read_all(words):
-    total = np.uint64(0)
-    for i in numba.prange(words.size):
-        total += words[i]
-    return total
+def _sum_rows(matrix):
+    sums = np.empty(matrix.shape[0], dtype=np.float32)
+    for r in numba.prange(matrix.shape[0]):
+        row = matrix[r]
+        total = np.float32(0.0)
+        for c in range(row.shape[0]):
+            total += row[c]
+        sums[r] = total
+    return sums
 
 
 def read_bandwidth(threads: int) -> float:
-    """GB/s of summing 1 GiB of memory with ``threads`` numba threads: the mat-vec ceiling."""
+    """GB/s of summing the rows of 1 GiB of float32 with ``threads`` threads: the mat-vec ceiling."""
     kernels.set_num_threads(threads)
-    words = np.ones((1 << 30) // 8, dtype=np.uint64)
-    return words.nbytes / best_seconds(lambda i: _read_all(words), 1) / 1e9
+    matrix = np.ones(((1 << 30) // 4 // 4096, 4096), dtype=np.float32)
+    return matrix.nbytes / call_seconds(lambda i: _sum_rows(matrix), 3)[0] / 1e9
 
 
 def bench_type(t: T, thread_counts: list[int], rng: np.random.Generator) -> None:
@@ -86,12 +93,12 @@ def bench_type(t: T, thread_counts: list[int], rng: np.random.Generator) -> None
         figures = []
         for threads in thread_counts:
             kernels.set_num_threads(threads)
-            seconds = best_seconds(lambda i: kernels.matvec(variants[i], t, cols, x, out), len(variants))
-            figures.append(f"{threads}T {nbytes / seconds / 1e9:5.1f} GB/s {seconds * 1e3:6.2f} ms")
+            best, median = call_seconds(lambda i: kernels.matvec(variants[i], t, cols, x, out), len(variants))
+            figures.append(f"{threads}T {nbytes / best / 1e9:5.1f} GB/s {best * 1e3:5.2f} ms (median {median * 1e3:5.2f})")
         kernels.set_num_threads(thread_counts[-1])
-        dq = best_seconds(lambda i: kernels.dequantize(variants[i], t, cols), min(len(variants), 4))
-        print(f"{t.name:5s} {rows:5d}x{cols:<5d} {nbytes / 1e6:6.1f} MB | matvec " + " | ".join(figures)
-              + f" | dequantize {thread_counts[-1]}T {rows * cols / dq / 1e9:5.2f} Gweights/s {dq * 1e3:6.2f} ms",
+        best, _ = call_seconds(lambda i: kernels.dequantize(variants[i], t, cols), min(len(variants), 4))
+        print(f"{t.name:5s} {rows:5d}x{cols:<5d} {nbytes / 1e6:5.1f} MB | matvec " + " | ".join(figures)
+              + f" | dequantize {thread_counts[-1]}T {rows * cols / best / 1e9:5.2f} Gweights/s {best * 1e3:5.2f} ms",
               flush=True)
 
 
@@ -111,8 +118,8 @@ def bench_crossover(t: T, threads: int, rng: np.random.Generator) -> None:
                     for v in range(n):
                         kernel.matvec(raw, X[v], out[v])
 
-            f = best_seconds(fused, 3)
-            b = best_seconds(lambda i: kernels._tiled_blas_matmul(kernel, raw, cols, X, out), 3)
+            f = call_seconds(fused, 3)[0]
+            b = call_seconds(lambda i: kernels._tiled_blas_matmul(kernel, raw, cols, X, out), 3)[0]
             print(f"{t.name:5s} {rows:5d}x{cols:<5d} n={n:3d} fused {f * 1e3:7.2f} ms  tiled BLAS {b * 1e3:7.2f} ms"
                   f"  {'fused' if f < b else 'BLAS'}", flush=True)
 

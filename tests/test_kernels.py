@@ -133,15 +133,18 @@ def test_matmul_matches_dequantized_product(t, n):
         assert_close_product(result, weights, X)
 
 
-@pytest.mark.parametrize("n", [kernels.FUSED_MATMUL_MAX_VECTORS, kernels.FUSED_MATMUL_MAX_VECTORS + 1])
-def test_matmul_on_both_sides_of_the_crossover(n, monkeypatch):
+@pytest.mark.parametrize("t,n", [
+    (T.Q8_0, kernels.FUSED_MATMUL_MAX_VECTORS), (T.Q8_0, kernels.FUSED_MATMUL_MAX_VECTORS + 1),
+    (T.Q6_K, kernels.LOOPED_MATVEC_MAX_VECTORS), (T.Q6_K, kernels.LOOPED_MATVEC_MAX_VECTORS + 1),
+], ids=str)
+def test_matmul_on_both_sides_of_the_crossover(t, n, monkeypatch):
     # a tiny tile budget makes the BLAS path cross several row tiles, the last one partial
-    monkeypatch.setattr(kernels, "_TILE_BYTES", 4 * 64 * 16)
+    monkeypatch.setattr(kernels, "_TILE_BYTES", 4 * 256 * 16)
     rng = np.random.default_rng(n)
-    raw = quantized_tensor(T.Q8_0, 37, 64, rng)
-    weights = reference_dequantize(raw, T.Q8_0, 64)
-    X = rng.standard_normal((n, 64)).astype(np.float32)
-    assert_close_product(kernels.matmul(raw, T.Q8_0, 64, X), weights, X)
+    cols, (raw, *_) = make_inputs(t, 37, 1 if t == T.Q6_K else 8, rng)
+    weights = reference_dequantize(raw, t, cols)
+    X = rng.standard_normal((n, cols)).astype(np.float32)
+    assert_close_product(kernels.matmul(raw, t, cols, X), weights, X)
 
 
 def test_every_half_float_converts_exactly():

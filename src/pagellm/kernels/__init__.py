@@ -17,6 +17,7 @@ from . import floats, kquants, legacy
 from .base import TypeKernels
 
 __all__ = [
+    "KERNELS",
     "SUPPORTED_TYPES",
     "TypeKernels",
     "dequantize",
@@ -34,10 +35,13 @@ SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = frozenset(KERNELS)
 # Types whose matvec also takes x [n, cols] -> out [n, rows] and reads the weights once for all n.
 _MULTI_VECTOR_TYPES = frozenset().union(*(getattr(m, "MULTI_VECTOR_TYPES", frozenset()) for m in _MODULES))
 
-# Up to this many vectors, matmul runs the fused mat-vec kernel (weights read once, never
-# materialised); beyond it, it dequantizes tiles of rows and lets BLAS multiply. Measured on
-# 2-thread AMD EPYC (Zen 4) with 2048x5632 / 5632x2048 weights: see benchmarks/kernels.py.
-FUSED_MATMUL_MAX_VECTORS = 8
+# Up to this many vectors matmul runs the fused mat-vec kernel (weights read once, never
+# materialised); beyond it, it dequantizes tiles of rows and lets BLAS multiply. Measured with
+# benchmarks/kernels.py --crossover (2 threads, AMD EPYC Zen 4, 2048x5632 and 5632x2048): the
+# multi-vector kernels (F32/F16/BF16, Q8_0..Q5_1) match tiled BLAS at n ~ 32 and lose by ~1.3x
+# at 64; one mat-vec per vector (the K-quants) matches it at n ~ 12-16.
+FUSED_MATMUL_MAX_VECTORS = 32
+LOOPED_MATVEC_MAX_VECTORS = 12
 # float32 bytes of dequantized rows per BLAS tile: bounded scratch even for a 32000-row output head
 _TILE_BYTES = 8 << 20
 
@@ -131,27 +135,36 @@ def matmul(raw: np.ndarray, ggml_type, cols: int, X: np.ndarray) -> np.ndarray:
     X = _as_vectors(X, cols, 2)
     n = X.shape[0]
     out = np.empty((n, rows.shape[0]), dtype=np.float32)
-    if n <= FUSED_MATMUL_MAX_VECTORS:
-        if t in _MULTI_VECTOR_TYPES:
-            kernels.matvec(rows, X, out)
-        else:
-            for v in range(n):
-                kernels.matvec(rows, X[v], out[v])
-        return out
-    _tiled_blas_matmul(kernels, rows, cols, X, out)
+    if t in _MULTI_VECTOR_TYPES and n <= FUSED_MATMUL_MAX_VECTORS:
+        kernels.matvec(rows, X, out)
+    elif t not in _MULTI_VECTOR_TYPES and n <= LOOPED_MATVEC_MAX_VECTORS:
+        for v in range(n):
+            kernels.matvec(rows, X[v], out[v])
+    else:
+        _tiled_blas_matmul(kernels, rows, cols, X, out)
     return out
 
 
 def _tiled_blas_matmul(kernels: TypeKernels, rows: np.ndarray, cols: int, X: np.ndarray, out: np.ndarray) -> None:
-    """out = X @ W.T, dequantizing W a tile of rows at a time into a per-thread scratch buffer."""
-    tile_rows = max(16, _TILE_BYTES // (4 * cols))
-    tile_rows = min(tile_rows, rows.shape[0])
+    """out = X @ W.T, dequantizing W a tile of rows at a time into a per-thread scratch buffer.
+
+    The tiles are dequantized on one numba thread: numba's OpenMP workers spin-wait after a
+    parallel kernel and OpenBLAS's workers after a BLAS call, and alternating the two pools
+    measured 5x slower on 2 cores (each pool's spinners starve the other). BLAS does the
+    heavy part with all its threads; dequantizing is a small share of it.
+    """
+    tile_rows = min(max(16, _TILE_BYTES // (4 * cols)), rows.shape[0])
     weights = _scratch_buffer(tile_rows * cols).reshape(tile_rows, cols)
-    for first in range(0, rows.shape[0], tile_rows):
-        last = min(first + tile_rows, rows.shape[0])
-        tile = weights[: last - first]
-        kernels.dequantize(rows[first:last], tile)
-        np.matmul(X, tile.T, out=out[:, first:last])
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        for first in range(0, rows.shape[0], tile_rows):
+            last = min(first + tile_rows, rows.shape[0])
+            tile = weights[: last - first]
+            kernels.dequantize(rows[first:last], tile)
+            np.matmul(X, tile.T, out=out[:, first:last])
+    finally:
+        numba.set_num_threads(threads)
 
 
 def _scratch_buffer(n_floats: int) -> np.ndarray:

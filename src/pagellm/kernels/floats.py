@@ -48,7 +48,7 @@ def _has_hardware_half() -> bool:
     return machine in ("aarch64", "arm64")
 
 
-_HARDWARE_HALF = _has_hardware_half()
+HARDWARE_HALF = _has_hardware_half()
 
 _I16, _I32 = ir.IntType(16), ir.IntType(32)
 _F32 = ir.FloatType()
@@ -61,7 +61,7 @@ def emit_half_to_float(builder: ir.IRBuilder, bits: ir.Value) -> ir.Value:
         bits = builder.trunc(bits, _I16)
     elif width < 16:
         bits = builder.zext(bits, _I16)
-    if _HARDWARE_HALF:
+    if HARDWARE_HALF:
         return builder.fpext(builder.bitcast(bits, ir.HalfType()), _F32)
     # Portable path: move exponent and mantissa into float32 position; multiplying by 2^112
     # rebiases the exponent (15 -> 127) exactly and also normalises half subnormals.
