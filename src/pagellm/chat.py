@@ -125,6 +125,8 @@ class ChatTemplate:
             self._template = _make_environment().from_string(self.source)
         except jinja2.TemplateSyntaxError as error:
             raise ValueError(f"chat template syntax error on line {error.lineno}: {_one_line(error)}") from None
+        except RecursionError:  # a template nested thousands deep exhausts the parser's stack
+            raise ValueError("chat template is nested too deeply to compile") from None
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any], tokenizer_tokens: Sequence[str] | None = None) -> ChatTemplate:
@@ -137,7 +139,7 @@ class ChatTemplate:
             template = bytes(template).decode("utf-8", errors="replace")
         if isinstance(template, str) and template.strip():
             return cls(template, bos, eos)
-        if tokens is not None and _knows_chatml(tokens):
+        if isinstance(tokens, (list, tuple)) and _knows_chatml(tokens):
             return cls(CHATML_TEMPLATE, bos, eos, name="chatml")
         return cls(None, bos, eos)
 
@@ -176,7 +178,9 @@ def _token_text(token_id: Any, tokens: Sequence[str] | None) -> str:
         return ""
     try:
         index = int(token_id)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # a hostile file's id may be a string, an array or inf
+        return ""
+    if not isinstance(tokens, (list, tuple)):
         return ""
     if 0 <= index < len(tokens):
         text = tokens[index]

@@ -567,8 +567,13 @@ def _info_rows(mf: "ModelFile") -> list[tuple[str, str]]:
 
     meta = mf.metadata
     tokens = meta.get("tokenizer.ggml.tokens")
+    tokens = tokens if isinstance(tokens, list) else None  # a hostile file may hold anything under this key
     heads, heads_kv = mf.arch_get("attention.head_count"), mf.arch_get("attention.head_count_kv")
-    template = ChatTemplate.from_metadata(meta)
+    try:
+        template = ChatTemplate.from_metadata(meta, tokenizer_tokens=tokens or [])
+        template_row = "yes" if not template.is_fallback else f"none (fallback: {template.name})"
+    except ValueError as error:  # info describes the file; a broken template is part of the description
+        template_row = f"invalid ({' '.join(str(error).split())[:120]})"
     rows = [
         ("file", f"{mf.path} ({_size(mf.file_size)}, GGUF v{mf.version})"),
         ("name", str(meta.get("general.name", "-"))),
@@ -581,7 +586,7 @@ def _info_rows(mf: "ModelFile") -> list[tuple[str, str]]:
         ("feed-forward", str(mf.arch_get("feed_forward_length", "-"))),
         ("heads", f"{heads} (kv {heads_kv if heads_kv is not None else heads})" if heads is not None else "-"),
         ("tokenizer", f"{meta.get('tokenizer.ggml.model', '-')}, {len(tokens) if tokens is not None else '?'} tokens"),
-        ("chat template", "yes" if not template.is_fallback else f"none (fallback: {template.name})"),
+        ("chat template", template_row),
     ]
     return rows
 

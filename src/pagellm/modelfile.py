@@ -28,6 +28,11 @@ MAX_NAME_BYTES = 1 << 16
 MAX_ARRAY_DEPTH = 3
 MAX_ALIGNMENT = 1 << 16
 MAX_ELEMENTS = 1 << 50  # far beyond any file; keeps byte arithmetic honest
+# Memory bounds: a metadata string becomes a Python str of up to 4 bytes per byte read, and each string
+# of an array costs ~50 bytes of object overhead, so both are capped well above any real file (chat
+# templates are tens of KiB; the largest vocabularies and merge lists hold well under a million entries).
+MAX_STRING_BYTES = 1 << 25
+MAX_ARRAY_STRINGS = 1 << 22
 
 # Smallest encodings, used to reject counts that the remaining bytes cannot possibly hold.
 _MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, smallest value
@@ -115,17 +120,22 @@ class _Cursor:
     def u64(self, what: str) -> int:
         return self.scalar(GGUFValueType.UINT64, what)
 
-    def string(self, what: str, max_bytes: int | None = None) -> str:
+    def string(self, what: str, max_bytes: int = MAX_STRING_BYTES) -> str:
         length = self.u64(f"length of {what}")
-        if max_bytes is not None and length > max_bytes:
+        if length > max_bytes:
             raise self.fail(f"{what} has length {length}, more than the {max_bytes} allowed")
         self.need(length, what)
-        raw = bytes(self.buf[self.pos : self.pos + length])
+        # Decoded straight from the mapping: no intermediate bytes copy of a long string.
+        with memoryview(self.buf) as mv:
+            raw = mv[self.pos : self.pos + length]
+            try:
+                text = str(raw, "utf-8")
+            except UnicodeDecodeError:
+                raise self.fail(f"{what} is not valid UTF-8") from None
+            finally:
+                raw.release()
         self.pos += length
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise self.fail(f"{what} is not valid UTF-8") from None
+        return text
 
     def array(self, what: str, depth: int) -> Any:
         if depth > MAX_ARRAY_DEPTH:
@@ -139,6 +149,8 @@ class _Cursor:
             raise self.fail(
                 f"{what} claims {count} elements, more than the {self.remaining} remaining bytes hold"
             )
+        if elem_type == GGUFValueType.STRING and count > MAX_ARRAY_STRINGS:
+            raise self.fail(f"{what} holds {count} strings, more than the {MAX_ARRAY_STRINGS} allowed")
         if elem_type in _NUMPY_DTYPES:
             dtype = _NUMPY_DTYPES[elem_type]
             values = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).copy()

@@ -1,7 +1,11 @@
 """Model arguments read from GGUF metadata, for the llama family."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 from pagellm.modelfile import ModelFile, ModelFileError
 
@@ -41,47 +45,50 @@ class ModelArgs:
                 f"{mf.path}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
             )
 
-        def need(key: str, kind: type = int) -> int | float:
-            value = mf.arch_get(key)
-            if value is None:
-                raise ModelFileError(f"{mf.path}: metadata {arch}.{key} is missing")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-                raise ModelFileError(f"{mf.path}: metadata {arch}.{key} is {value!r}, expected a {kind.__name__}")
-            if value <= 0:
-                raise ModelFileError(f"{mf.path}: metadata {arch}.{key} is {value}, expected a positive number")
-            return value
+        def get(key: str, kind: type = int, default: int | float | None = None) -> int | float:
+            return _positive(mf, f"{arch}.{key}", kind, default)
 
-        n_embd = int(need("embedding_length"))
-        n_head = int(need("attention.head_count"))
-        n_head_kv = int(mf.arch_get("attention.head_count_kv", n_head))
-        head_dim = int(mf.arch_get("attention.key_length", n_embd // n_head))
-        n_rot = int(mf.arch_get("rope.dimension_count", head_dim))
-        if n_head_kv <= 0 or n_head % n_head_kv:
+        n_embd = int(get("embedding_length"))
+        n_head = int(get("attention.head_count"))
+        n_layer = int(get("block_count"))
+        # Checked before expected_tensors() enumerates every layer: a hostile count of 2**32 layers
+        # must fail here, not after building billions of names.
+        if n_layer > len(mf.block_groups):
+            raise ModelFileError(f"{mf.path}: metadata {arch}.block_count is {n_layer}, but the file has "
+                                 f"{len(mf.block_groups)} blocks")
+        n_head_kv = int(get("attention.head_count_kv", int, n_head))
+        if n_embd < n_head and mf.arch_get("attention.key_length") is None:
+            raise ModelFileError(f"{mf.path}: {n_head} heads do not fit embedding length {n_embd}")
+        head_dim = int(get("attention.key_length", int, n_embd // n_head))
+        n_rot = int(get("rope.dimension_count", int, head_dim))
+        if n_head % n_head_kv:
             raise ModelFileError(f"{mf.path}: {n_head} heads cannot share {n_head_kv} KV heads")
         if n_rot > head_dim or n_rot % 2:
             raise ModelFileError(f"{mf.path}: rope.dimension_count {n_rot} does not fit head dimension {head_dim}")
         embd = mf.tensors.get("token_embd.weight")
         if embd is None:
             raise ModelFileError(f"{mf.path}: tensor token_embd.weight is missing")
+        if len(embd.shape) != 2:
+            raise ModelFileError(f"{mf.path}: tensor token_embd.weight has shape {list(embd.shape)}, expected 2 dimensions")
         scaling = mf.arch_get("rope.scaling.type", "none")
-        if scaling not in ("none", "linear"):
-            raise ModelFileError(f"{mf.path}: rope scaling {scaling!r} is not supported (none, linear)")
-        factor = float(mf.arch_get("rope.scaling.factor", 1.0) or 1.0) if scaling == "linear" else 1.0
+        if not isinstance(scaling, str) or scaling not in ("none", "linear"):
+            raise ModelFileError(f"{mf.path}: rope scaling {_short(scaling)} is not supported (none, linear)")
+        factor = float(get("rope.scaling.factor", float, 1.0)) if scaling == "linear" else 1.0
         args = cls(
             architecture=arch,
-            n_layer=int(need("block_count")),
+            n_layer=n_layer,
             n_embd=n_embd,
             n_head=n_head,
             n_head_kv=n_head_kv,
             head_dim=head_dim,
-            n_ff=int(need("feed_forward_length")),
+            n_ff=int(get("feed_forward_length")),
             n_vocab=int(embd.shape[1]),
-            context_length=int(mf.arch_get("context_length", 2048)),
-            rope_base=float(mf.arch_get("rope.freq_base", 10000.0)),
+            context_length=int(get("context_length", int, 2048)),
+            rope_base=float(get("rope.freq_base", float, 10000.0)),
             n_rot=n_rot,
             rope_neox=SUPPORTED_ARCHITECTURES[arch],
             rope_scale=factor,
-            rms_eps=float(need("attention.layer_norm_rms_epsilon", float)),
+            rms_eps=float(get("attention.layer_norm_rms_epsilon", float)),
             tied_embeddings="output.weight" not in mf.tensors,
             qkv_bias="blk.0.attn_q.bias" in mf.tensors,
             qk_norm="blk.0.attn_q_norm.weight" in mf.tensors,
@@ -125,3 +132,61 @@ class ModelArgs:
                 raise ModelFileError(f"{mf.path}: tensor {name} is missing")
             if tuple(info.shape) != shape:
                 raise ModelFileError(f"{mf.path}: tensor {name} has shape {list(info.shape)}, expected {list(shape)}")
+
+
+def _short(value: Any) -> str:
+    """A metadata value for an error message: its repr, cut short (a hostile value can be huge)."""
+    if isinstance(value, (list, np.ndarray)):
+        return f"an array of {len(value)}"  # repr of a million-entry array would cost more than the check
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _positive(mf: ModelFile, key: str, kind: type, default: int | float | None = None) -> int | float:
+    """Metadata ``key`` as a finite positive ``kind`` (int or float); ``default`` when absent, else an error."""
+    value = mf.get(key)
+    if value is None:
+        if default is None:
+            raise ModelFileError(f"{mf.path}: metadata {key} is missing")
+        return default
+    # bool is an int to Python, but a true/false flag is never a count or a size.
+    numeric = (int, float) if kind is float else (int,)
+    if isinstance(value, bool) or not isinstance(value, numeric):
+        expected = "an integer" if kind is int else "a number"
+        raise ModelFileError(f"{mf.path}: metadata {key} is {_short(value)}, expected {expected}")
+    if not math.isfinite(value) or value <= 0:
+        raise ModelFileError(f"{mf.path}: metadata {key} is {value}, expected a positive number")
+    return value
+
+
+# Tokenizer keys and the Python types our GGUF reader gives for the GGUF types llama.cpp writes them as.
+_TOKENIZER_STRINGS = ("tokenizer.ggml.model", "tokenizer.ggml.pre")
+_TOKENIZER_STRING_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges")
+_TOKENIZER_NUMBER_ARRAYS = ("tokenizer.ggml.scores", "tokenizer.ggml.token_type")
+_TOKENIZER_ID_SUFFIX = "_token_id"
+
+
+def check_tokenizer_metadata(mf: ModelFile) -> None:
+    """The tokenizer keys have the types llama.cpp writes (so a hostile file gives a ModelFileError, not a TypeError)."""
+    for key, value in mf.metadata.items():
+        if not key.startswith("tokenizer.ggml."):
+            continue
+        if key in _TOKENIZER_STRINGS:
+            ok = isinstance(value, str)
+            expected = "a string"
+        elif key in _TOKENIZER_STRING_ARRAYS:
+            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+            expected = "an array of strings"
+        elif key in _TOKENIZER_NUMBER_ARRAYS:
+            ok = isinstance(value, np.ndarray) and value.dtype.kind in "iuf"
+            expected = "an array of numbers"
+        elif key.endswith(_TOKENIZER_ID_SUFFIX):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+            expected = "an integer"
+        elif key.startswith(("tokenizer.ggml.add_", "tokenizer.ggml.normalizer.")):
+            ok = isinstance(value, (bool, int))
+            expected = "a boolean"
+        else:
+            continue
+        if not ok:
+            raise ModelFileError(f"{mf.path}: metadata {key} is {_short(value)}, expected {expected}")
