@@ -19,6 +19,7 @@ _EXPORTS = {
     "LLM": "pagellm.api",
     "EngineConfig": "pagellm.engine",
     "InferenceEngine": "pagellm.engine",
+    "GenerationError": "pagellm.engine",
     "OffloadPolicy": "pagellm.offload.policy",
     "NoOffload": "pagellm.offload.policy",
     "Budget": "pagellm.offload.policy",
@@ -28,7 +29,7 @@ _EXPORTS = {
 
 if TYPE_CHECKING:
     from pagellm.api import LLM
-    from pagellm.engine import EngineConfig, InferenceEngine
+    from pagellm.engine import EngineConfig, GenerationError, InferenceEngine
     from pagellm.offload.policy import Budget, NoOffload, OffloadPolicy, PinnedHotSet
     from pagellm.sampling import SamplerConfig
 

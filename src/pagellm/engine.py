@@ -10,15 +10,57 @@ from typing import Callable, Sequence
 import numpy as np
 
 from pagellm import kernels
-from pagellm.modelfile import ModelFile
+from pagellm.modelfile import ModelFile, ModelFileError
 from pagellm.models import LlamaModel, ModelArgs
-from pagellm.offload.pager import LayerPager, PagerStats, ResidentStore
+from pagellm.models.config import check_tokenizer_metadata
+from pagellm.offload.pager import LayerPager, PagerError, PagerStats, ResidentStore
 from pagellm.offload.planner import MachineProfile, Plan, plan_offload
 from pagellm.offload.policy import AnyPolicy, NoOffload, OffloadPolicy
 from pagellm.offload.pressure import peak_rss_bytes, process_rss_bytes
 from pagellm.sampling import Sampler, SamplerConfig, StopChecker
 from pagellm.kv_cache import KVCache
+from pagellm.offload.source import SourceError
 from pagellm.tokenizer import StreamDecoder, Tokenizer
+
+# Failures of the weights' I/O (a read that failed, a file truncated under us) or of the pager's budget:
+# the generation that met one stops with a GenerationError; the engine stays usable.
+_WEIGHT_ERRORS = (SourceError, PagerError)
+
+
+class GenerationError(RuntimeError):
+    """Generation stopped because the weights could not be read; names the file and offset when known."""
+
+    def __init__(self, message: str, path: str | None = None, offset: int | None = None):
+        super().__init__(message)
+        self.path = path
+        self.offset = offset
+
+    @classmethod
+    def wrap(cls, error: BaseException) -> "GenerationError":
+        """The GenerationError for a weight I/O or pager failure."""
+        text = " ".join(str(error).split())
+        return cls(f"generation stopped: {text}", getattr(error, "path", None), getattr(error, "offset", None))
+
+
+def open_model(path: str | os.PathLike[str]) -> tuple[ModelFile, ModelArgs, Tokenizer]:
+    """Open and check a model file for the engine; anything wrong with the file is a one-line ModelFileError."""
+    mf = ModelFile.open(path)
+    return (mf, *check_model(mf))
+
+
+def check_model(mf: ModelFile) -> tuple[ModelArgs, Tokenizer]:
+    """The model arguments and tokenizer of an opened file, or a ModelFileError saying why it cannot run."""
+    args = ModelArgs.from_model_file(mf)
+    for name, info in mf.tensors.items():
+        if not kernels.is_supported(info.ggml_type):
+            raise ModelFileError(f"{mf.path}: tensor {name} has GGML type {info.ggml_type.name}, "
+                                 f"which pagellm cannot compute yet")
+    check_tokenizer_metadata(mf)
+    try:
+        tokenizer = Tokenizer.from_metadata(mf.metadata)
+    except ValueError as error:  # the vocabulary's own checks: unsupported model, counts that disagree
+        raise ModelFileError(f"{mf.path}: {' '.join(str(error).split())}") from None
+    return args, tokenizer
 
 
 @dataclass(frozen=True)
@@ -138,17 +180,13 @@ class InferenceEngine:
     def load_model(self) -> "InferenceEngine":
         """Open and validate the file, build the pager for the policy (or load every weight), make the cache."""
         cfg = self.config
-        mf = ModelFile.open(cfg.model_path)
-        args = ModelArgs.from_model_file(mf)
-        for name, info in mf.tensors.items():
-            if not kernels.is_supported(info.ggml_type):
-                raise ValueError(f"{mf.path}: tensor {name} has GGML type {info.ggml_type.name}, which pagellm cannot compute yet")
+        mf, args, tokenizer = open_model(cfg.model_path)
         n_ctx = cfg.context_size or min(args.context_length, 4096)
         if n_ctx <= 0:
             raise ValueError(f"context size must be positive, got {n_ctx}")
         if cfg.n_threads:
             kernels.set_num_threads(cfg.n_threads)
-        self.tokenizer = Tokenizer.from_metadata(mf.metadata)
+        self.tokenizer = tokenizer
         self.weights = LayerPager.build(mf, cfg.offload_policy, replacement=cfg.replacement, io_mode=cfg.io_mode)
         # What the planner expects of this placement on this machine (cached calibration or defaults).
         self.plan = plan_offload(mf, cfg.offload_policy, MachineProfile.load_or_default(), self.weights.source.alignment)
@@ -212,7 +250,11 @@ class InferenceEngine:
         with self._lock:
             self._check_fits(len(token_ids))
             self.cache.reset()
-            return self._prefill(list(token_ids), self.cache, all_logits=True)
+            try:
+                return self._prefill(list(token_ids), self.cache, all_logits=True)
+            except _WEIGHT_ERRORS as error:
+                self.cache.reset()
+                raise GenerationError.wrap(error) from error
 
     def generate(
         self,
@@ -230,8 +272,12 @@ class InferenceEngine:
         """
         with self._lock:
             seq = self.start(prompt, max_tokens, sampler=sampler, stop=stop, seed=seed, on_token=on_token, cache=self.cache)
-            while not seq.done:
-                self.step([seq])
+            try:
+                while not seq.done:
+                    self.step([seq])
+            except GenerationError:
+                self.cache.reset()  # the failed sequence's positions must not leak into the next one
+                raise
             return seq.result()
 
     def start(
@@ -267,7 +313,11 @@ class InferenceEngine:
             seq.before = self.weights.stats.snapshot()
             t0 = time.perf_counter()
             seq.cache.reset()
-            logits = self._prefill(ids, seq.cache, all_logits=False)[-1]
+            try:
+                logits = self._prefill(ids, seq.cache, all_logits=False)[-1]
+            except _WEIGHT_ERRORS as error:
+                seq.cache.reset()
+                raise GenerationError.wrap(error) from error
             seq.prompt_seconds = time.perf_counter() - t0
             seq.decode_start = time.perf_counter()
             seq.accept(logits)
@@ -279,7 +329,15 @@ class InferenceEngine:
         if not live:
             return
         with self._lock:
-            outs = self.model.forward_batch([(np.asarray([s.new_ids[-1]]), s.cache) for s in live])
+            positions = [s.cache.n_tokens for s in live]
+            try:
+                outs = self.model.forward_batch([(np.asarray([s.new_ids[-1]]), s.cache) for s in live])
+            except _WEIGHT_ERRORS as error:
+                # The pass may have advanced a cache (the head runs after it does): put every
+                # sequence back where it was, so a retry, alone or batched, starts clean.
+                for seq, n in zip(live, positions):
+                    seq.cache.truncate(n)
+                raise GenerationError.wrap(error) from error
             for seq, logits in zip(live, outs):
                 seq.accept(logits[-1])
 

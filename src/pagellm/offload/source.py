@@ -8,6 +8,7 @@ out of a shared mapping, as llama.cpp's default loader pages, kept for compariso
 """
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import threading
@@ -20,10 +21,21 @@ PAGE = mmap.PAGESIZE
 DIRECT_ALIGNMENT = 4096  # covers 512- and 4096-byte logical blocks
 MAX_READ_CHUNK = 64 << 20  # one syscall never asks for more; keeps latency of a single read bounded
 IO_MODES = ("auto", "direct", "buffered", "mmap")
+# Errors a second try can cure: a signal, a busy device, a one-off media or network-filesystem hiccup.
+TRANSIENT_ERRNOS = frozenset({errno.EINTR, errno.EAGAIN, errno.EIO})
+MAX_READ_ATTEMPTS = 3
+RETRY_BACKOFF_S = 0.01  # doubled per attempt: 10 ms, 20 ms
 
 
 class SourceError(OSError):
     """A read of the model file failed; the message names the file, the range and the cause."""
+
+    def __init__(self, message: str, *, path: str | None = None, offset: int | None = None,
+                 cause_errno: int | None = None):
+        super().__init__(message)
+        self.path = path
+        self.offset = offset
+        self.errno = cause_errno
 
 
 def allocate_buffer(nbytes: int) -> np.ndarray:
@@ -43,6 +55,7 @@ class SourceStats:
     reads: int = 0
     bytes_read: int = 0
     read_seconds: float = 0.0
+    retries: int = 0  # reads tried again after a transient error
 
 
 class FileSource:
@@ -74,6 +87,10 @@ class FileSource:
             self._fd = os.open(self.path, os.O_RDONLY)
             self._mmap = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ) if self.file_size else None
             self.mode = "mmap"
+        # The inode we read from: an open descriptor keeps reading it even when the path is later
+        # deleted or renamed over, so only a change to this inode (truncation) can break reads.
+        opened = os.fstat(self._fd)
+        self.inode = (opened.st_dev, opened.st_ino)
 
     def _try_open_direct(self) -> str | None:
         """Open with O_DIRECT and prove one aligned read works; return why not otherwise."""
@@ -113,16 +130,19 @@ class FileSource:
         """Read ``nbytes`` at file ``offset`` into ``buffer[at:]``; return the view of exactly those bytes.
 
         ``at`` must be a multiple of the alignment, and the buffer must hold the aligned span.
+        Transient errors (EINTR, EAGAIN, EIO) are retried up to MAX_READ_ATTEMPTS times; anything
+        else is a SourceError naming the file, the offset and what happened to the file.
         """
         start, length = self.span(offset, nbytes)
         if at % self.alignment or at + length > buffer.nbytes:
             raise ValueError(f"buffer of {buffer.nbytes} bytes cannot take {length} bytes at {at}")
         if offset < 0 or offset + nbytes > self.file_size:
             raise SourceError(
-                f"{self.path}: range {offset}+{nbytes} lies outside the file ({self.file_size} bytes)"
+                f"{self.path}: range {offset}+{nbytes} lies outside the file ({self.file_size} bytes)",
+                path=self.path, offset=offset,
             )
         t0 = time.perf_counter()
-        got = self._read_span(start, length, buffer[at : at + length])
+        got = self._read_with_retries(offset, nbytes, start, length, buffer[at : at + length])
         with self._stats_lock:
             self.stats.reads += 1
             self.stats.bytes_read += got
@@ -130,7 +150,54 @@ class FileSource:
         inner = at + (offset - start)
         return buffer[inner : inner + nbytes]
 
+    def _read_with_retries(self, offset: int, nbytes: int, start: int, length: int, out: np.ndarray) -> int:
+        for attempt in range(1, MAX_READ_ATTEMPTS + 1):
+            try:
+                self._check_not_truncated(offset, nbytes)
+                return self._read_span(start, length, out)
+            except SourceError:
+                raise
+            except OSError as e:
+                if e.errno not in TRANSIENT_ERRNOS or attempt == MAX_READ_ATTEMPTS:
+                    tries = f" (after {attempt} attempts)" if attempt > 1 else ""
+                    raise self._error(offset, f"read of {nbytes} bytes failed{tries}: {e.strerror or e}",
+                                      e.errno) from e
+                with self._stats_lock:
+                    self.stats.retries += 1
+                time.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")
+
+    def _check_not_truncated(self, offset: int, nbytes: int) -> None:
+        """Fail before reading a range the file no longer holds (in mmap mode that read would be a SIGBUS)."""
+        size = os.fstat(self._fd).st_size
+        if size < offset + nbytes:
+            raise self._error(offset, f"read of {nbytes} bytes failed")
+
+    def _error(self, offset: int, what: str, cause_errno: int | None = None) -> SourceError:
+        """A SourceError for ``offset``, saying what became of the file if it changed under us."""
+        return SourceError(f"{self.path}: {what} at offset {offset}{self._file_change()}",
+                           path=self.path, offset=offset, cause_errno=cause_errno)
+
+    def _file_change(self) -> str:
+        """', truncated ...' / ', deleted ...' / ', replaced ...' when the file changed since open, else ''."""
+        try:
+            mine = os.fstat(self._fd)
+        except OSError:
+            return ""
+        if mine.st_size < self.file_size:
+            return f" (truncated while in use: {mine.st_size} of {self.file_size} bytes remain)"
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            return " (the file was deleted while in use)"
+        except OSError:
+            return ""
+        if (now.st_dev, now.st_ino) != self.inode:
+            return " (the path now names another file: replaced while in use)"
+        return ""
+
     def _read_span(self, start: int, length: int, out: np.ndarray) -> int:
+        """Read the aligned span; raises OSError as the system gives it (read_into retries and explains)."""
         if self.mode == "mmap":
             assert self._mmap is not None
             out[:] = np.frombuffer(self._mmap, dtype=np.uint8, count=length, offset=start)
@@ -139,16 +206,13 @@ class FileSource:
         done = 0
         while done < length:
             want = min(length - done, MAX_READ_CHUNK)
-            try:
-                n = os.preadv(self._fd, [view[done : done + want]], start + done)
-            except OSError as e:
-                raise SourceError(f"{self.path}: read of {want} bytes at {start + done} failed: {e.strerror}") from e
+            n = os.preadv(self._fd, [view[done : done + want]], start + done)
             if n == 0:
                 # An aligned span may reach past the end of the file; short of the size we
                 # opened with, though, the file shrank under us.
                 if start + done >= self.file_size:
                     break
-                raise SourceError(f"{self.path}: file ended at {start + done} (truncated while in use?)")
+                raise self._error(start + done, "the file ended early (truncated while in use?)")
             done += n
         if self.mode == "buffered":
             os.posix_fadvise(self._fd, start, length, os.POSIX_FADV_DONTNEED)
