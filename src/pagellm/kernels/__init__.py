@@ -43,7 +43,7 @@ _MULTI_VECTOR_TYPES = frozenset().union(*(getattr(m, "MULTI_VECTOR_TYPES", froze
 FUSED_MATMUL_MAX_VECTORS = 32
 LOOPED_MATVEC_MAX_VECTORS = 12
 # float32 bytes of dequantized rows per BLAS tile: bounded scratch even for a 32000-row output head
-_TILE_BYTES = 8 << 20
+_TILE_BYTES = 16 << 20  # per-thread scratch; larger tiles keep BLAS efficient
 
 _scratch = threading.local()
 
@@ -162,7 +162,10 @@ def _tiled_blas_matmul(kernels: TypeKernels, rows: np.ndarray, cols: int, X: np.
             last = min(first + tile_rows, rows.shape[0])
             tile = weights[: last - first]
             kernels.dequantize(rows[first:last], tile)
-            np.matmul(X, tile.T, out=out[:, first:last])
+            # W_tile @ X.T measured 3x faster than X @ W_tile.T with OpenBLAS here (its kernel for a
+            # transposed B is slow in this shape), and writing into a strided slice of ``out``
+            # through ``out=`` misses BLAS: compute fresh, then copy the transpose in.
+            out[:, first:last] = (tile @ X.T).T
     finally:
         numba.set_num_threads(threads)
 

@@ -191,9 +191,9 @@ class LlamaModel:
         v = values.astype(np.float32).transpose(1, 0, 2)  # [kv, S, d]
         scores = (qh.reshape(a.n_head_kv, group * T, a.head_dim) @ k).reshape(a.n_head_kv, group, T, S)
         scores *= np.float32(1.0 / np.sqrt(a.head_dim))
-        if T > 1:
+        if T > 1:  # causal: query t (position start+t) sees keys up to its own position
             future = np.arange(S)[None, :] > (start + np.arange(T))[:, None]
-            scores[..., future] = -np.inf
+            scores += np.where(future, np.float32(-np.inf), np.float32(0.0))
         scores -= scores.max(axis=-1, keepdims=True)
         probs = np.exp(scores)
         probs /= probs.sum(axis=-1, keepdims=True)
