@@ -7,14 +7,22 @@ and ``kquants``, each exposing ``KERNELS: dict[GGMLQuantizationType, TypeKernels
 """
 from __future__ import annotations
 
+import os
 import threading
 
 import numba
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from . import floats, kquants, legacy
-from .base import TypeKernels
+# Work stealing (TBB) degrades gracefully when another process takes a core; OpenMP's static
+# schedule waits at every barrier for a descheduled thread, and decode measured 15x slower
+# with it on a 2-core machine with one busy core (0.95 against 14.4 tokens/s). Set before
+# the first parallel launch, which is when numba picks its layer; NUMBA_THREADING_LAYER wins.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER_PRIORITY = ["tbb", "omp", "workqueue"]
+
+from . import floats, kquants, legacy  # noqa: E402  (after the threading layer is chosen)
+from .base import TypeKernels  # noqa: E402
 
 __all__ = [
     "KERNELS",
