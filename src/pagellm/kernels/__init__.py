@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
+import threadpoolctl
 from gguf import GGMLQuantizationType
 
 # Work stealing (TBB) degrades gracefully when another process takes a core; OpenMP's static
@@ -20,6 +22,11 @@ from gguf import GGMLQuantizationType
 # the first parallel launch, which is when numba picks its layer; NUMBA_THREADING_LAYER wins.
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER_PRIORITY = ["tbb", "omp", "workqueue"]
+
+# BLAS runs single-threaded: its callers parallelise over tiles (see _tiled_blas_matmul), and
+# OpenBLAS's own threads stall at barriers whenever another process holds a core. The limit is
+# kept for the life of the process.
+_BLAS_LIMIT = threadpoolctl.threadpool_limits(limits=1, user_api="blas")
 
 from . import floats, kquants, legacy  # noqa: E402  (after the threading layer is chosen)
 from .base import TypeKernels  # noqa: E402
@@ -154,28 +161,46 @@ def matmul(raw: np.ndarray, ggml_type, cols: int, X: np.ndarray) -> np.ndarray:
 
 
 def _tiled_blas_matmul(kernels: TypeKernels, rows: np.ndarray, cols: int, X: np.ndarray, out: np.ndarray) -> None:
-    """out = X @ W.T, dequantizing W a tile of rows at a time into a per-thread scratch buffer.
+    """out = X @ W.T, a tile of rows at a time: dequantize into a per-thread scratch, then BLAS.
 
-    The tiles are dequantized on one numba thread: numba's OpenMP workers spin-wait after a
-    parallel kernel and OpenBLAS's workers after a BLAS call, and alternating the two pools
-    measured 5x slower on 2 cores (each pool's spinners starve the other). BLAS does the
-    heavy part with all its threads; dequantizing is a small share of it.
+    Tiles go to a small pool of threads, each running single-threaded numba and BLAS (both
+    release the GIL). Idle workers take the next tile, so a core lost to another process slows
+    the product in proportion; OpenBLAS's own threads wait at a barrier for a descheduled peer
+    and measured 20-40x slower on small products, and slower on large ones, with one core busy.
     """
     tile_rows = min(max(16, _TILE_BYTES // (4 * cols)), rows.shape[0])
-    weights = _scratch_buffer(tile_rows * cols).reshape(tile_rows, cols)
-    threads = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        for first in range(0, rows.shape[0], tile_rows):
-            last = min(first + tile_rows, rows.shape[0])
-            tile = weights[: last - first]
-            kernels.dequantize(rows[first:last], tile)
-            # W_tile @ X.T measured 3x faster than X @ W_tile.T with OpenBLAS here (its kernel for a
-            # transposed B is slow in this shape), and writing into a strided slice of ``out``
-            # through ``out=`` misses BLAS: compute fresh, then copy the transpose in.
-            out[:, first:last] = (tile @ X.T).T
-    finally:
-        numba.set_num_threads(threads)
+    starts = range(0, rows.shape[0], tile_rows)
+
+    def one_tile(first: int) -> None:
+        last = min(first + tile_rows, rows.shape[0])
+        tile = _scratch_buffer(tile_rows * cols).reshape(tile_rows, cols)[: last - first]
+        numba.set_num_threads(1)  # per calling thread
+        kernels.dequantize(rows[first:last], tile)
+        # W_tile @ X.T measured 3x faster with OpenBLAS than X @ W_tile.T in these shapes, and
+        # writing through ``out=`` into a strided slice misses BLAS: compute fresh, copy in.
+        out[:, first:last] = (tile @ X.T).T
+
+    workers = min(numba.get_num_threads(), len(starts))
+    if workers <= 1:
+        threads = numba.get_num_threads()
+        try:
+            for first in starts:
+                one_tile(first)
+        finally:
+            numba.set_num_threads(threads)
+        return
+    list(_tile_pool(workers).map(one_tile, starts))
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _tile_pool(workers: int) -> ThreadPoolExecutor:
+    """A thread pool of ``workers`` threads for BLAS tiles, made once."""
+    pool = _pools.get(workers)
+    if pool is None:
+        pool = _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="pagellm-blas")
+    return pool
 
 
 def _scratch_buffer(n_floats: int) -> np.ndarray:
