@@ -316,6 +316,8 @@ class EngineOptions:
             sampler=sampler or SamplerConfig(),
             offload_policy=self.policy(model),
             io_mode=self.io_mode,
+            # --ram auto keeps watching: the budget shrinks under memory pressure and grows back.
+            ram_auto=self.ram is not None and self.ram.strip().lower() == "auto",
         )
 
 

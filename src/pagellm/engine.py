@@ -13,10 +13,11 @@ from pagellm import kernels
 from pagellm.modelfile import ModelFile, ModelFileError
 from pagellm.models import LlamaModel, ModelArgs
 from pagellm.models.config import check_tokenizer_metadata
+from pagellm.offload.monitor import PressureConfig, PressureMonitor
 from pagellm.offload.pager import LayerPager, PagerError, PagerStats, ResidentStore
-from pagellm.offload.planner import MachineProfile, Plan, plan_offload
-from pagellm.offload.policy import AnyPolicy, NoOffload, OffloadPolicy
-from pagellm.offload.pressure import peak_rss_bytes, process_rss_bytes
+from pagellm.offload.planner import MachineProfile, Plan, auto_budget, plan_offload
+from pagellm.offload.policy import AnyPolicy, NoOffload, OffloadPolicy, PinnedHotSet
+from pagellm.offload.pressure import MemoryProbe, peak_rss_bytes, process_rss_bytes
 from pagellm.sampling import Sampler, SamplerConfig, StopChecker
 from pagellm.kv_cache import KVCache
 from pagellm.offload.source import SourceError
@@ -75,6 +76,11 @@ class EngineConfig:
     offload_policy: AnyPolicy = field(default_factory=NoOffload)
     io_mode: str = "auto"  # how the pager reads: auto, direct, buffered, mmap
     replacement: str = "auto"  # the pager's replacement: auto (sweep-aware) or lru
+    # --ram auto: size the budget from the RAM available at load (when the policy is NoOffload) and keep
+    # following it: a PressureMonitor shrinks the budget under memory pressure and grows it back.
+    ram_auto: bool = False
+    pressure: PressureConfig = field(default_factory=PressureConfig)
+    pressure_probe: MemoryProbe | None = field(default=None, compare=False, repr=False)  # default: the real one
 
     def with_offload(self, policy: AnyPolicy | str) -> "EngineConfig":
         """The same configuration under another offload policy (a policy or its text spelling)."""
@@ -98,6 +104,8 @@ class GenerationStats:
     resident_bytes: int = 0
     peak_rss_bytes: int = 0
     io_mode: str = "none"
+    budget_bytes: int = 0  # the weights' budget at the end (0: none); moves under --ram auto
+    budget_changes: int = 0  # times memory pressure shrank or grew the budget during the generation
 
     @property
     def prompt_tokens_per_s(self) -> float:
@@ -134,9 +142,10 @@ class GenerationStats:
     def add(self, other: "GenerationStats") -> None:
         """Accumulate another generation's figures into these."""
         for name in ("prompt_tokens", "generated_tokens", "prompt_seconds", "decode_seconds", "bytes_read",
-                     "acquires", "hits", "prefetches_issued", "prefetches_used", "stall_seconds"):
+                     "acquires", "hits", "prefetches_issued", "prefetches_used", "stall_seconds", "budget_changes"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.resident_bytes = other.resident_bytes
+        self.budget_bytes = other.budget_bytes
         self.peak_rss_bytes = max(self.peak_rss_bytes, other.peak_rss_bytes)
         self.io_mode = other.io_mode
 
@@ -170,6 +179,7 @@ class InferenceEngine:
         self.weights: LayerPager | None = None
         self.model: LlamaModel | None = None
         self.plan: Plan | None = None
+        self.pressure: PressureMonitor | None = None  # under ram_auto
         self.cache = None
         self.n_ctx = 0
         self.stats = GenerationStats()
@@ -187,9 +197,16 @@ class InferenceEngine:
         if cfg.n_threads:
             kernels.set_num_threads(cfg.n_threads)
         self.tokenizer = tokenizer
-        self.weights = LayerPager.build(mf, cfg.offload_policy, replacement=cfg.replacement, io_mode=cfg.io_mode)
+        policy, probe = cfg.offload_policy, None
+        if cfg.ram_auto:
+            probe = cfg.pressure_probe or MemoryProbe()
+            if policy.is_disabled():
+                policy = PinnedHotSet(auto_budget(mf, n_ctx, probe))
+        self.weights = LayerPager.build(mf, policy, replacement=cfg.replacement, io_mode=cfg.io_mode)
         # What the planner expects of this placement on this machine (cached calibration or defaults).
-        self.plan = plan_offload(mf, cfg.offload_policy, MachineProfile.load_or_default(), self.weights.source.alignment)
+        self.plan = plan_offload(mf, policy, MachineProfile.load_or_default(), self.weights.source.alignment)
+        if probe is not None:
+            self.pressure = PressureMonitor(self.weights, probe, policy.ram_budget_bytes(), cfg.pressure).start()
         self.model_file, self.args, self.n_ctx = mf, args, n_ctx
         self.model = LlamaModel(args, mf, self.weights)
         self.cache = self.model.new_cache(n_ctx)
@@ -206,6 +223,9 @@ class InferenceEngine:
 
     def close(self) -> None:
         """Release the weights and the file."""
+        if self.pressure is not None:
+            self.pressure.stop()
+            self.pressure = None
         if self.weights is not None:
             self.weights.close()
             self.weights = None
@@ -311,6 +331,7 @@ class InferenceEngine:
         )
         with self._lock:
             seq.before = self.weights.stats.snapshot()
+            seq.budget_changes_before = self._pressure_changes()
             t0 = time.perf_counter()
             seq.cache.reset()
             try:
@@ -343,7 +364,8 @@ class InferenceEngine:
 
     # -- figures -------------------------------------------------------------------------
 
-    def _generation_stats(self, before: PagerStats, n_prompt: int, n_new: int, t_prompt: float, t_decode: float) -> GenerationStats:
+    def _generation_stats(self, before: PagerStats, n_prompt: int, n_new: int, t_prompt: float, t_decode: float,
+                          budget_changes_before: int = 0) -> GenerationStats:
         now = self.weights.stats
         return GenerationStats(
             prompt_tokens=n_prompt,
@@ -359,18 +381,29 @@ class InferenceEngine:
             resident_bytes=now.resident_bytes,
             peak_rss_bytes=peak_rss_bytes(),
             io_mode=self.weights.io_mode,
+            budget_bytes=self.weights.budget_bytes or 0,
+            budget_changes=self._pressure_changes() - budget_changes_before,
         )
 
+    def _pressure_changes(self) -> int:
+        """Budget changes the pressure monitor has made so far."""
+        return self.pressure.stats.shrinks + self.pressure.stats.grows if self.pressure is not None else 0
+
     def memory_summary(self) -> dict[str, int]:
-        """Budget, resident weights, KV cache bytes, process RSS now and at peak."""
+        """Budget, resident weights, KV cache bytes, process RSS now and at peak (and, under ram_auto, pressure counters)."""
         self._require_loaded()
-        return {
+        summary = {
             "budget_bytes": self.weights.budget_bytes or 0,
             "resident_bytes": self.weights.resident_bytes,
             "kv_cache_bytes": self.cache.nbytes,
             "rss_bytes": process_rss_bytes(),
             "peak_rss_bytes": peak_rss_bytes(),
         }
+        if self.pressure is not None:
+            monitor = self.pressure.stats
+            summary |= {"pressure_shrinks": monitor.shrinks, "pressure_grows": monitor.grows,
+                        "max_budget_bytes": self.pressure.max_budget}
+        return summary
 
 
 @dataclass(eq=False)
@@ -390,6 +423,7 @@ class SequenceState:
     emitted: int = 0  # characters of ``text`` handed to on_token so far
     finish_reason: str | None = None
     before: PagerStats | None = None
+    budget_changes_before: int = 0  # the pressure monitor's count when the sequence started
     prompt_seconds: float = 0.0
     decode_start: float = 0.0
     decode_seconds: float = 0.0
@@ -441,7 +475,8 @@ class SequenceState:
         self.finish_reason = reason
         self.decode_seconds = time.perf_counter() - self.decode_start
         eng = self.engine
-        self.stats = eng._generation_stats(self.before, len(self.prompt_ids), len(self.new_ids), self.prompt_seconds, self.decode_seconds)
+        self.stats = eng._generation_stats(self.before, len(self.prompt_ids), len(self.new_ids), self.prompt_seconds,
+                                           self.decode_seconds, self.budget_changes_before)
         eng.stats.add(self.stats)
 
     def result(self) -> Generation:
