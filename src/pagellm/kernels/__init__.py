@@ -58,7 +58,7 @@ _MULTI_VECTOR_TYPES = frozenset().union(*(getattr(m, "MULTI_VECTOR_TYPES", froze
 FUSED_MATMUL_MAX_VECTORS = 32
 LOOPED_MATVEC_MAX_VECTORS = 12
 # float32 bytes of dequantized rows per BLAS tile: bounded scratch even for a 32000-row output head
-_TILE_BYTES = 16 << 20  # per-thread scratch; larger tiles keep BLAS efficient
+_TILE_BYTES = 8 << 20  # per-thread scratch; larger tiles keep BLAS efficient
 
 _scratch = threading.local()
 
