@@ -125,8 +125,12 @@ class GenerationStats:
 
     @property
     def hit_rate(self) -> float:
-        """Share of weight acquires served from RAM."""
-        return self.hits / self.acquires if self.acquires else 1.0
+        """Share of weight acquires whose unit was already in RAM, not read for this use.
+
+        A unit the prefetcher read just ahead of its use is not a hit here (it cost a read);
+        ``prefetch_hit_rate`` says how many of those reads were used.
+        """
+        return (self.hits - self.prefetches_used) / self.acquires if self.acquires else 1.0
 
     @property
     def prefetch_hit_rate(self) -> float:
