@@ -17,7 +17,7 @@ from pagellm.offload.monitor import PressureConfig, PressureMonitor
 from pagellm.offload.pager import LayerPager, PagerError, PagerStats, ResidentStore
 from pagellm.offload.planner import MachineProfile, Plan, auto_budget, plan_offload
 from pagellm.offload.policy import AnyPolicy, NoOffload, OffloadPolicy, PinnedHotSet
-from pagellm.offload.pressure import MemoryProbe, peak_rss_bytes, process_rss_bytes
+from pagellm.offload.pressure import MemoryProbe, fix_malloc_mmap_threshold, peak_rss_bytes, process_rss_bytes
 from pagellm.sampling import Sampler, SamplerConfig, StopChecker
 from pagellm.kv_cache import KVCache
 from pagellm.offload.source import SourceError
@@ -194,6 +194,7 @@ class InferenceEngine:
     def load_model(self) -> "InferenceEngine":
         """Open and validate the file, build the pager for the policy (or load every weight), make the cache."""
         cfg = self.config
+        fix_malloc_mmap_threshold()
         mf, args, tokenizer = open_model(cfg.model_path)
         n_ctx = cfg.context_size or min(args.context_length, 4096)
         if n_ctx <= 0:

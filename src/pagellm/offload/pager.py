@@ -140,10 +140,14 @@ def plan_units(mf: ModelFile, alignment: int) -> dict[str, list[Unit]]:
 
 
 def pinned_groups(mf: ModelFile, policy: AnyPolicy) -> list[str]:
-    """The groups a policy pins: embeddings, output head (the embedding when tied), last N blocks."""
+    """The groups a policy pins: the globals always; embeddings, output head and last N blocks as declared.
+
+    The globals (output norm, rope factors: a few KiB) are held for the whole forward pass while
+    each block loads, so they are pinned under every policy rather than competing for the budget.
+    """
+    pinned: list[str] = [GLOBALS] if GLOBALS in mf.groups else []
     if not isinstance(policy, PinnedHotSet):
-        return []
-    pinned: list[str] = []
+        return pinned
     head = OUTPUT_HEAD if OUTPUT_HEAD in mf.groups else TOKEN_EMBEDDING
     if policy.pin_embeddings and TOKEN_EMBEDDING in mf.groups:
         pinned.append(TOKEN_EMBEDDING)

@@ -391,3 +391,24 @@ class FakeMemoryProbe(MemoryProbe):
         """Reset the peak to the current RSS."""
         self.peak = self.rss
         return True
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def fix_malloc_mmap_threshold(nbytes: int = 1 << 20) -> bool:
+    """Have glibc serve allocations of ``nbytes`` and more by mmap, and stop it raising that bar.
+
+    glibc raises its mmap threshold (up to 32 MiB) each time a large mmap'd block is freed; the
+    activation arrays of later steps then come from the heap, which does not shrink, and a
+    batched server's RSS grew from 221 to over 670 MiB against a 150 MiB budget. A fixed
+    threshold returns large arrays to the OS when freed. Returns whether it was applied.
+    """
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(nbytes)))
+    except (OSError, AttributeError):
+        return False  # not glibc: nothing to fix
