@@ -149,7 +149,9 @@ def classify(path: str, model: Path, pid: int) -> str:
     if path.startswith(("/proc/self/", f"/proc/{pid}/")):
         return "own /proc"
     # .nbi/.nbc: numba's on-disk cache of compiled kernels, loaded on a kernel's first call.
-    if path.endswith((".py", ".pyc", ".so", ".nbi", ".nbc")) or "/site-packages/" in path or path.startswith(sys.prefix):
+    # sys.base_prefix: in a virtual environment the standard library (and its .zip) lives there.
+    if (path.endswith((".py", ".pyc", ".so", ".nbi", ".nbc")) or "/site-packages/" in path
+            or path.startswith((sys.prefix, sys.base_prefix))):
         return "python module"
     return "OTHER"
 
