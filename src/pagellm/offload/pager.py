@@ -244,6 +244,7 @@ class LayerPager:
             for unit in units:
                 self._entries[unit.name] = _Entry(unit, pinned=group in pinned_groups)
         self.sweep_order = sweep_order(mf, self._units_by_group)
+        self._group_of_tensor = {s.tensor: g for g, us in self._units_by_group.items() for u in us for s in u.slices}
         self._order_index = {name: i for i, name in enumerate(self.sweep_order)}
         self._position = -1
         self._tick = 0
@@ -638,7 +639,7 @@ class LayerPager:
         """
         mf = self.model_file
         row_bytes, n_rows = _row_bytes(mf, tensor), _n_rows(mf, tensor)
-        group = next(g for g, us in self._units_by_group.items() for u in us for s in u.slices if s.tensor == tensor)
+        group = self._group_of_tensor[tensor]
         out = np.empty((len(rows), row_bytes), dtype=np.uint8)
         base = mf.tensors[tensor].offset
         scratch = None
