@@ -61,7 +61,8 @@ def test_pinned_hot_set_pins_and_reads_pins_once():
     policy = PinnedHotSet(int(0.8 * mf.weight_bytes), pin_last_n_layers=1, prefetch_n_ahead=2)
     with LayerPager.build(mf, policy) as pager:
         pinned = [u for u in pager.units if pager.is_pinned(u)]
-        assert set(pinned) == {"globals", "token_embd", "output", "blk.4"}
+        assert set(pinned) == {"globals", "token_embd", "output", "blk.4@attn", "blk.4@ffn"}
+        assert pager.is_pinned("blk.4") and not pager.is_pinned("blk.3")
         for _ in range(5):
             for name in pager.sweep_order:
                 with pager.hold(name):
@@ -153,7 +154,9 @@ def test_concurrent_acquires_of_a_missing_group_read_it_once():
     threads = [threading.Thread(target=worker) for _ in range(4)]
     [t.start() for t in threads]
     [t.join() for t in threads]
-    assert pager.stats.reads_by_unit["blk.2"] == 1 and pager.stats.misses == 1 and pager.stats.hits == 3
+    # holding a block holds both its units: each read once, by the first thread to ask
+    assert pager.stats.reads_by_unit["blk.2@attn"] == 1 and pager.stats.reads_by_unit["blk.2@ffn"] == 1
+    assert pager.stats.misses == 2 and pager.stats.hits == 6
     assert pager.stats.stall_seconds >= 4 * 0.04
     pager.close()
 
@@ -165,25 +168,30 @@ def test_acquire_waits_for_a_prefetch_in_flight_instead_of_reading_again():
     time.sleep(0.01)
     with pager.hold("blk.1"):
         pass
-    assert pager.stats.reads_by_unit["blk.1"] == 1 and pager.stats.prefetches_used == 1 and pager.stats.misses == 0
+    assert pager.stats.reads_by_unit["blk.1@attn"] == 1 and pager.stats.reads_by_unit["blk.1@ffn"] == 1
+    assert pager.stats.prefetches_used == 2 and pager.stats.misses == 0
     pager.close()
 
 
 def test_prefetch_never_evicts_what_the_sweep_needs_sooner():
     mf = ModelFile.open(STORIES)
-    with LayerPager(mf, int(0.42 * mf.weight_bytes)) as pager:  # room for two blocks
-        for name in ["blk.2", "blk.3", "blk.1"]:
+    ffn = [f"blk.{i}@ffn" for i in range(5)]
+    units = {u.name: u for u in LayerPager.describe(mf, Budget(mf.weight_bytes), 4096)[0]}
+    room = units["globals"].capacity + 2 * units[ffn[0]].capacity + units[ffn[0]].capacity // 4
+    with LayerPager(mf, room, pinned_groups=["globals"]) as pager:  # room for two feed-forward units
+        assert not {u for u in pager.placement.resident if u.startswith("blk.")}  # so only the sweep decides
+        for name in [ffn[2], ffn[3], ffn[1]]:
             with pager.hold(name):
                 pass
-        assert set(pager.resident_units()) == {"blk.1", "blk.2"}  # blk.3 was the furthest away
-        with pager.hold("blk.1"):
-            pager.prefetch(["blk.4"])  # would have to push out blk.2, which the sweep needs first
+        assert set(pager.resident_units()) == {"globals", ffn[1], ffn[2]}  # ffn[3] was the furthest away
+        with pager.hold(ffn[1]):
+            pager.prefetch([ffn[4]])  # would have to push out ffn[2], which the sweep needs first
             time.sleep(0.05)
-        assert pager.stats.prefetches_skipped == 1 and pager.is_resident("blk.2") and not pager.is_resident("blk.4")
-        with pager.hold("blk.2"):
-            pager.prefetch(["blk.3"])  # blk.1 is now the furthest: it may go
+        assert pager.stats.prefetches_skipped == 1 and pager.is_resident(ffn[2]) and not pager.is_resident(ffn[4])
+        with pager.hold(ffn[2]):
+            pager.prefetch([ffn[3]])  # ffn[1] is now the furthest: it may go
             time.sleep(0.05)
-        assert pager.is_resident("blk.3") and not pager.is_resident("blk.1")
+        assert pager.is_resident(ffn[3]) and not pager.is_resident(ffn[1])
 
 
 def test_own_holds_exhausting_budget_raise_instead_of_deadlock():

@@ -36,6 +36,34 @@ def test_window_shrinks_to_what_the_budget_holds():
     assert p.window_bytes == 100 and p.resident == ("globals",)
 
 
+SPLIT_ORDER = ["globals"] + [f"blk.{i}@{part}" for i in range(10) for part in ("attn", "ffn")] + ["output@0", "output@1"]
+SPLIT_SIZES = {"globals": 1, "output@0": 30, "output@1": 30,
+               **{f"blk.{i}@{part}": size for i in range(10) for part, size in (("attn", 30), ("ffn", 70))}}
+
+
+def test_window_of_split_blocks_is_a_block_not_two_large_parts():
+    p = place(SPLIT_SIZES, SPLIT_ORDER, 600, [], prefetch_n_ahead=1)
+    # in use + read ahead: an attention part and a feed-forward part, never two feed-forward parts
+    assert p.window_bytes == 100 and p.window_units == 2
+    streamed = list(p.streamed)
+    runs = [SPLIT_SIZES[a] + SPLIT_SIZES[b] for a, b in zip(streamed, streamed[1:] + streamed[:1])]
+    assert max(runs) <= p.window_bytes  # the window holds for the units that really stream
+    resident = sum(SPLIT_SIZES[u] for u in p.resident)
+    assert 600 - 100 - resident < 100  # the rest of the budget is used: no whole block more would fit
+    blocks = {u.partition("@")[0] for u in p.resident if u.startswith("blk.")}
+    assert all(f"{b}@attn" in p.resident and f"{b}@ffn" in p.resident for b in blocks)  # parts kept together
+
+
+def test_window_grows_when_the_streamed_units_need_it():
+    # units of one size where resident ones would leave two large ones adjacent: the window is checked
+    sizes = {"a": 10, "b": 90, "c": 10, "d": 90, "e": 10, "f": 90}
+    p = place(sizes, list(sizes), 250, [], prefetch_n_ahead=1)
+    streamed = list(p.streamed)
+    runs = [sizes[a] + sizes[b] for a, b in zip(streamed, streamed[1:] + streamed[:1])]
+    assert p.window_bytes == 180 and max(runs) <= p.window_bytes  # grew from the first estimate, 100
+    assert sum(sizes[u] for u in p.resident) + p.window_bytes <= 250
+
+
 def test_simulation_arithmetic():
     order = ["a", "b", "c", "d"]
     compute = {u: 1.0 for u in order}
@@ -83,7 +111,7 @@ def test_plan_matches_what_the_pager_does():
 def test_pinned_policy_placement():
     mf = ModelFile.open(SYNTH)
     plan = plan_offload(mf, PinnedHotSet(int(0.95 * mf.weight_bytes), pin_last_n_layers=1))
-    assert {"token_embd@0", "blk.3"} <= set(plan.pinned) and plan.row_read == ()
+    assert {"token_embd@0", "blk.3@attn", "blk.3@ffn"} <= set(plan.pinned) and plan.row_read == ()
     assert plan_offload(mf, NoOffload()).predicted_bytes_per_token == 0
 
 

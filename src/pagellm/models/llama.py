@@ -1,8 +1,9 @@
 """The llama-family decoder (llama, mistral, qwen2, qwen3), reading every weight through the pager."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -50,6 +51,8 @@ class LlamaModel:
         self.weights = weights
         self.head_tensor = "token_embd.weight" if args.tied_embeddings else "output.weight"
         self.head_units = weights.units_of(TOKEN_EMBEDDING if args.tied_embeddings else OUTPUT_HEAD)
+        # (attention unit, feed-forward unit) per layer; one unit twice where a block is not split
+        self.block_units = [(u[0], u[-1]) for u in (weights.units_of(f"blk.{i}") for i in range(args.n_layer))]
         half = args.n_rot // 2
         self.inv_freq = args.rope_base ** (-np.arange(half, dtype=np.float64) * 2.0 / args.n_rot)
 
@@ -110,13 +113,15 @@ class LlamaModel:
         return kernels.matmul(tensors[name], info.ggml_type, info.shape[0], x)
 
     def block(self, layer: int, x: np.ndarray, segments: list["Segment"]) -> np.ndarray:
-        """One transformer block over all rows: attention (per sequence) then feed-forward, each with a residual."""
+        """One transformer block over all rows: attention (per sequence) then feed-forward, each with a residual.
+
+        The two halves are separate pager units: the attention weights are let go before the
+        feed-forward ones are needed, which halves the RAM the streaming window takes.
+        """
         a = self.args
-        name = f"blk.{layer}"
-        p = name + "."
-        w = self.weights.acquire(name)
-        self.weights.prefetch_after(name)
-        try:
+        p = f"blk.{layer}."
+        attn_unit, ffn_unit = self.block_units[layer]
+        with self.acquired(attn_unit) as w:
             T = x.shape[0]
             h = rms_norm(x, as_f32(w[p + "attn_norm.weight"]), a.rms_eps)
             q = self.linear(w, p + "attn_q.weight", h)
@@ -140,22 +145,30 @@ class LlamaModel:
                 end = seg.start + (seg.end - seg.row)
                 attn[rows] = self.attention(qs, seg.cache.keys[layer, :end], seg.cache.values[layer, :end], seg.start)
             x = x + self.linear(w, p + "attn_output.weight", attn)
+        with self.acquired(ffn_unit) as w:
             h = rms_norm(x, as_f32(w[p + "ffn_norm.weight"]), a.rms_eps)
             gate = self.linear(w, p + "ffn_gate.weight", h)
             up = self.linear(w, p + "ffn_up.weight", h)
             return x + self.linear(w, p + "ffn_down.weight", (silu(gate) * up).astype(np.float32))
+
+    @contextmanager
+    def acquired(self, unit: str) -> Iterator[Mapping[str, np.ndarray]]:
+        """Hold a weight unit while it computes and ask the reader for the ones after it."""
+        w = self.weights.acquire(unit)
+        self.weights.prefetch_after(unit)
+        try:
+            yield w
         finally:
-            self.weights.release(name)
+            self.weights.release(unit)
 
     def head(self, x: np.ndarray) -> np.ndarray:
         """Logits from the output head, one row slice (unit) at a time."""
         info = self.mf.tensors[self.head_tensor]
         logits = np.empty((x.shape[0], self.args.n_vocab), dtype=np.float32)
         for unit in self.head_units:
-            with self.weights.hold(unit) as t:
+            with self.acquired(unit) as t:
                 s = self.weights.unit(unit).slice_of(self.head_tensor)
                 logits[:, s.row_start : s.row_end] = kernels.matmul(t[self.head_tensor], info.ggml_type, info.shape[0], x)
-            self.weights.prefetch_after(unit)
         return logits
 
     # -- attention and rotary embedding ----------------------------------------------------

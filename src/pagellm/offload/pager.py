@@ -1,8 +1,11 @@
 """LayerPager: brings tensor groups of a GGUF file into a fixed RAM budget as the forward pass needs them.
 
-The unit of residency is a *unit*: a GGUF tensor group (``blk.N``, ``globals``) or, for the token
-embedding and output head when they are larger than a block, a slice of their rows (``output@k``),
-so that no unit is larger than the largest block and a small budget still leaves room to stream.
+The unit of residency is a *unit*: a part of a GGUF tensor group. A block ``blk.N`` is two units,
+its attention tensors (``blk.N@attn``) and its feed-forward tensors (``blk.N@ffn``), which the forward
+pass uses one after the other; ``globals`` is one unit; the token embedding and output head, when
+larger than a block's attention part, are slices of their rows (``output@k``). Small units keep the
+streaming window small: the unit computing plus the one being read is half a block, not two blocks,
+and the budget saved stays resident. ``acquire("blk.N")`` still holds a whole block.
 
 Replacement knows the order in which the decode step sweeps the units (``sweep_order``). Evicting the
 unit whose next use in that order is furthest away (Belady's rule on a cyclic sweep) keeps a stable
@@ -114,21 +117,52 @@ def _build_unit(mf: ModelFile, name: str, group: str, pieces: list[tuple[str, in
     return Unit(name, group, tuple(extents), tuple(slices), sum(p[2] for p in pieces), capacity)
 
 
+BLOCK_PARTS = ("attn", "ffn")  # the order the forward pass uses them in
+MIN_ROW_SLICE = 4 << 20  # row slices below this would make reads too small to run at disk speed
+
+
+def block_part(tensor: str) -> str:
+    """Which part of its block a ``blk.N.*`` tensor belongs to: 'ffn' for ``ffn_*``, else 'attn'."""
+    return "ffn" if tensor.split(".", 2)[2].startswith("ffn_") else "attn"
+
+
 def plan_units(mf: ModelFile, alignment: int) -> dict[str, list[Unit]]:
-    """Units per group: whole groups, except embedding/head tensors larger than a block, split by rows."""
-    block_sizes = [mf.group_bytes(g) for g in mf.block_groups]
-    max_part = max(block_sizes) if block_sizes else max((mf.group_bytes(g) for g in mf.groups), default=0)
+    """Units per group: blocks in attention and feed-forward parts, embedding/head split by rows.
+
+    Row slices are no larger than the smallest block part, so a slice streamed after a block's
+    feed-forward part needs no more window than the block's own two parts (but not below a few
+    MiB, where reads would run under disk speed, unless the blocks are that small too).
+    """
     units: dict[str, list[Unit]] = {}
+
+    def whole(name: str, group: str, tensors: list[str]) -> Unit:
+        pieces = [(t, mf.tensors[t].offset, mf.tensors[t].nbytes, 0) for t in tensors]
+        return _build_unit(mf, name, group, pieces, alignment)
+
+    for group in mf.block_groups:
+        names = mf.group(group).tensor_names
+        parts = [[t for t in names if block_part(t) == part] for part in BLOCK_PARTS]
+        if all(parts):
+            units[group] = [whole(f"{group}@{part}", group, ts) for part, ts in zip(BLOCK_PARTS, parts)]
+        else:
+            units[group] = [whole(group, group, names)]
+    block_units = [u.nbytes for us in units.values() for u in us]
+    others = [mf.group_bytes(g) for g in mf.groups if g not in units]
+    if block_units:  # no smaller than a few MiB, unless the blocks themselves are smaller
+        max_slice = max(min(block_units), min(MIN_ROW_SLICE, max(block_units)))
+    else:
+        max_slice = max(others, default=0)
     for group in mf.groups:
+        if group in units:
+            continue
         info = mf.group(group)
         splittable = group in (TOKEN_EMBEDDING, OUTPUT_HEAD) and len(info.tensor_names) == 1
-        if not splittable or info.nbytes <= max_part:
-            pieces = [(t, mf.tensors[t].offset, mf.tensors[t].nbytes, 0) for t in info.tensor_names]
-            units[group] = [_build_unit(mf, group, group, pieces, alignment)]
+        if not splittable or info.nbytes <= max_slice:
+            units[group] = [whole(group, group, info.tensor_names)]
             continue
         tensor = info.tensor_names[0]
         row_bytes, n_rows = _row_bytes(mf, tensor), _n_rows(mf, tensor)
-        rows_per_part = max(1, max_part // row_bytes)
+        rows_per_part = max(1, max_slice // row_bytes)
         base = mf.tensors[tensor].offset
         parts = []
         for k, r0 in enumerate(range(0, n_rows, rows_per_part)):
@@ -136,7 +170,7 @@ def plan_units(mf: ModelFile, alignment: int) -> dict[str, list[Unit]]:
             piece = (tensor, base + r0 * row_bytes, (r1 - r0) * row_bytes, r0)
             parts.append(_build_unit(mf, f"{group}@{k}", group, [piece], alignment))
         units[group] = parts
-    return units
+    return {g: units[g] for g in mf.groups}
 
 
 def pinned_groups(mf: ModelFile, policy: AnyPolicy) -> list[str]:
@@ -364,12 +398,12 @@ class LayerPager:
             raise KeyError(f"no group {group!r} in {self.model_file.path}") from None
 
     def is_pinned(self, name: str) -> bool:
-        """Whether unit ``name`` is pinned."""
-        return self._entry(name).pinned
+        """Whether unit ``name`` (every unit of block ``blk.N``) is pinned."""
+        return all(self._entry(n).pinned for n in self._parts(name) or [name])
 
     def is_resident(self, name: str) -> bool:
-        """Whether unit ``name`` is resident now."""
-        return self._entry(name).state == RESIDENT
+        """Whether unit ``name`` (every unit of block ``blk.N``) is resident now."""
+        return all(self._entry(n).state == RESIDENT for n in self._parts(name) or [name])
 
     def resident_units(self) -> list[str]:
         """Names of the units resident now."""
@@ -384,8 +418,31 @@ class LayerPager:
 
     # -- acquire / release ---------------------------------------------------------------
 
+    def _parts(self, name: str) -> list[str] | None:
+        """The units of block group ``name`` when it is held as a whole; None for a unit name."""
+        if name in self._entries:
+            return None
+        units = self._units_by_group.get(name)
+        if units and name.startswith("blk."):
+            return [u.name for u in units]
+        self._entry(name)  # raises the KeyError that lists the units
+        return None
+
     def acquire(self, name: str) -> Mapping[str, np.ndarray]:
-        """Hold unit ``name`` and return its tensors (name -> uint8 view of raw bytes)."""
+        """Hold unit ``name`` (or every unit of block ``blk.N``) and return its tensors (name -> uint8 view)."""
+        parts = self._parts(name)
+        if parts is not None:
+            views: dict[str, np.ndarray] = {}
+            held: list[str] = []
+            try:
+                for part in parts:
+                    views.update(self.acquire(part))
+                    held.append(part)
+            except BaseException:
+                for part in held:
+                    self.release(part)
+                raise
+            return views
         entry = self._entry(name)
         me = threading.get_ident()
         t0 = time.perf_counter()
@@ -423,7 +480,12 @@ class LayerPager:
         return views
 
     def release(self, name: str) -> None:
-        """Let unit ``name`` go: evictable again once no one holds it, unless pinned."""
+        """Let unit ``name`` (or block ``blk.N``) go: evictable again once no one holds it, unless pinned."""
+        parts = self._parts(name)
+        if parts is not None:
+            for part in parts:
+                self.release(part)
+            return
         entry = self._entry(name)
         me = threading.get_ident()
         with self._cond:
@@ -574,6 +636,7 @@ class LayerPager:
 
     def prefetch(self, names: Sequence[str]) -> None:
         """Ask the background reader to bring these units in, within the budget (skipped if no room)."""
+        names = [n for name in names for n in self._parts(name) or [name]]
         with self._cond:
             for name in names:
                 entry = self._entry(name)
@@ -592,6 +655,7 @@ class LayerPager:
         working while they compute.
         """
         n = self.prefetch_n_ahead if n is None else n
+        name = (self._parts(name) or [name])[-1]
         idx = self._order_index.get(name)
         if idx is None or n <= 0:
             return

@@ -12,6 +12,7 @@ the measured rate for its GGML type — gives the stall and the time per token.
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import platform
@@ -40,6 +41,7 @@ class Placement:
     row_read: tuple[str, ...]  # read by rows on demand (the token embedding)
     window_bytes: int  # budget kept for streamed units in flight and in use
     budget_bytes: int | None
+    window_units: int = 1  # streamed units the window holds at once (in use plus read ahead)
 
     def role(self, unit: str) -> str:
         """'pinned', 'resident', 'streamed' or 'row_read'."""
@@ -57,7 +59,13 @@ def place(
     prefetch_n_ahead: int,
     embedding_units: Sequence[str] = (),
 ) -> Placement:
-    """Choose the placement; ``units`` maps unit name -> buffer bytes (capacity)."""
+    """Choose the placement; ``units`` maps unit name -> buffer bytes (capacity).
+
+    The window must hold the largest run of ``1 + prefetch`` consecutive streamed units (the one
+    computing and those being read behind it), which depends on what stays resident; so the window
+    is estimated from all candidates, the resident set chosen, and the window checked against the
+    streamed units that result, growing it (a few rounds, then the worst case) until it holds.
+    """
     pinned = tuple(u for u in units if u in set(pinned_units))
     in_sweep = set(sweep_order)
     row_read = tuple(u for u in embedding_units if u not in pinned and u not in in_sweep)
@@ -68,34 +76,63 @@ def place(
     if sum(units[u] for u in candidates) <= free:
         return Placement(pinned, tuple(candidates), (), row_read, 0, budget_bytes)
     largest = max(units[u] for u in candidates)
-    # The window: one unit in use plus the read-ahead, shrunk if the budget cannot hold it.
-    slots = max(1, min(1 + prefetch_n_ahead, free // largest if largest else 1))
-    window = slots * largest
-    room = free - window
-    resident = _spread(candidates, units, room)
-    streamed = tuple(u for u in candidates if u not in resident)
-    return Placement(pinned, tuple(u for u in candidates if u in resident), streamed, row_read, window, budget_bytes)
+    # One unit in use plus the read-ahead, fewer if the budget cannot hold them.
+    slots = 1 + prefetch_n_ahead
+    while slots > 1 and _run_bytes(candidates, units, slots) > free:
+        slots -= 1
+    window = _run_bytes(candidates, units, slots)
+    for attempt in range(5):
+        resident = _spread(candidates, units, free - window)
+        streamed = [u for u in candidates if u not in resident]
+        needed = _run_bytes(streamed, units, slots)
+        if needed <= window:
+            break
+        window = needed if attempt < 3 else slots * largest  # the worst case always holds
+    return Placement(pinned, tuple(u for u in candidates if u in resident), tuple(streamed), row_read, window,
+                     budget_bytes, slots)
+
+
+def _run_bytes(order: Sequence[str], units: Mapping[str, int], n: int) -> int:
+    """The most bytes ``n`` cyclically consecutive units of ``order`` take together."""
+    sizes = [units[u] for u in order]
+    if not sizes:
+        return 0
+    n = min(n, len(sizes))
+    return max(sum(sizes[(i + k) % len(sizes)] for k in range(n)) for i in range(len(sizes)))
 
 
 def _spread(candidates: Sequence[str], units: Mapping[str, int], room: int) -> set[str]:
-    """Pick units that fit in ``room``, evenly spaced over the sweep (so reads interleave with compute)."""
+    """Pick units that fit in ``room``, evenly spaced over the sweep (so reads interleave with compute).
+
+    A block's parts (``blk.N@attn``, ``blk.N@ffn``) are kept or streamed together, so the streamed
+    units still alternate small and large parts and the window the placement assumed still holds.
+    """
     if room <= 0 or not candidates:
         return set()
-    avg = sum(units[u] for u in candidates) / len(candidates)
-    k = min(len(candidates), int(room // avg))
-    chosen: set[str] = set()
+    def block_of(u: str) -> str:
+        return u.partition("@")[0] if u.startswith("blk.") else u
+
+    items: list[list[str]] = []
+    for u in candidates:
+        if items and block_of(items[-1][0]) == block_of(u):
+            items[-1].append(u)
+        else:
+            items.append([u])
+    size = [sum(units[u] for u in item) for item in items]
+    avg = sum(size) / len(items)
+    k = min(len(items), int(room // avg))
+    chosen: set[int] = set()
     used = 0
-    if k:
-        for i in range(k):
-            u = candidates[int((i + 0.5) * len(candidates) / k)]
-            if used + units[u] <= room:
-                chosen.add(u)
-                used += units[u]
-    for u in candidates:  # fill what the even spacing left over
-        if u not in chosen and used + units[u] <= room:
-            chosen.add(u)
-            used += units[u]
-    return chosen
+    for i in range(k):
+        j = int((i + 0.5) * len(items) / k)
+        if used + size[j] <= room:
+            chosen.add(j)
+            used += size[j]
+    for j in range(len(items)):  # fill what the even spacing left over
+        if j not in chosen and used + size[j] <= room:
+            chosen.add(j)
+            used += size[j]
+    return {u for j in chosen for u in items[j]}
 
 
 # -- machine figures -----------------------------------------------------------------------------
@@ -327,11 +364,19 @@ class Plan:
 
 
 def _compress(units: Sequence[str]) -> str:
-    """'blk.0-3, blk.7, output@0-2' from a list of unit names."""
+    """'blk.0-3, blk.7@ffn, output@0-2' from a list of unit names (a block whose parts all appear: blk.N)."""
+    listed = set(units)
+    names: list[str] = []
+    for u in units:
+        block = u.partition("@")[0]
+        whole = u.startswith("blk.") and all(f"{block}@{part}" in listed for part in ("attn", "ffn"))
+        name = block if whole else u
+        if not names or names[-1] != name:
+            names.append(name)
     out: list[str] = []
     runs: list[tuple[str, int, int]] = []
-    for u in units:
-        base, sep, idx = u.rpartition("." if u.startswith("blk.") else "@")
+    for u in names:
+        base, sep, idx = u.rpartition("." if u.startswith("blk.") and "@" not in u else "@")
         if sep and idx.isdigit():
             i = int(idx)
             if runs and runs[-1][0] == base + sep and runs[-1][2] == i - 1:
@@ -414,7 +459,11 @@ def plan_offload(
                       [u.name for u in units if u.group == TOKEN_EMBEDDING])
     payload = {u.name: u.nbytes for u in units}
     types = {u.name: mf.tensors[max(u.slices, key=lambda s: s.nbytes).tensor].ggml_type.name for u in units}
-    compute_s = {u: payload[u] / profile.compute_rate(types[u]) + (profile.layer_overhead_s if u.startswith("blk.") else 0.0)
+    parts = collections.Counter(u.group for u in units)
+    group = {u.name: u.group for u in units}
+    # the per-block overhead (norms, rope, attention) is shared among the block's units
+    compute_s = {u: payload[u] / profile.compute_rate(types[u])
+                 + (profile.layer_overhead_s / parts[group[u]] if u.startswith("blk.") else 0.0)
                  for u in order}
     read_s = {u: payload[u] / profile.disk_bytes_per_s for u in order}
     streamed = set(placement.streamed)
@@ -423,8 +472,7 @@ def plan_offload(
     bytes_per_token = sum(payload[u] for u in streamed) + (row_bytes if placement.row_read else 0)
     compute = sum(compute_s.values())
     reads = bytes_per_token / profile.disk_bytes_per_s
-    largest = max((capacities[u] for u in streamed), default=1)
-    slots = max(1, placement.window_bytes // largest) if streamed else 1
+    slots = placement.window_units
     if streamed:
         seconds, stall = simulate_step(order, streamed, read_s, compute_s, slots, min(prefetch, slots - 1))
     else:
