@@ -140,8 +140,8 @@ def main() -> None:
                     continue
                 r = json.loads(out.stdout)
                 B, M = r["budget"], r["weight_bytes"]
-                policy, _ = policy_for(kind, B)
-                plan = plan_offload(mf, policy, profile)
+                policy, replacement = policy_for(kind, B)
+                plan = plan_offload(mf, policy, profile, replacement=replacement)
                 floor_s = max(plan.compute_seconds_per_token, (M - B) / r["disk_bytes_per_s"])
                 ratio = r["tok_s"] * floor_s
                 bytes_ok = r["bytes_per_token"] <= 1.05 * (M - B) + r["largest_unit"]

@@ -127,3 +127,15 @@ def test_auto_budget_uses_the_probe():
     probe.set_available(260 * MiB)
     with pytest.raises(ValueError, match="not enough free RAM"):
         auto_budget(mf, 512, probe)
+
+
+def test_lru_plan_streams_every_unpinned_unit_as_the_lru_pager_does():
+    mf = ModelFile.open(SYNTH)
+    policy = Budget(int(0.4 * mf.weight_bytes))
+    auto = plan_offload(mf, policy, MachineProfile(disk_bytes_per_s=1e9))
+    lru = plan_offload(mf, policy, MachineProfile(disk_bytes_per_s=1e9), replacement="lru")
+    assert lru.resident == () and set(lru.streamed) == set(auto.resident) | set(auto.streamed)
+    assert lru.predicted_bytes_per_token > auto.predicted_bytes_per_token
+    assert lru.predicted_tokens_per_s < auto.predicted_tokens_per_s
+    with LayerPager.build(mf, policy, replacement="lru") as pager:
+        assert pager.placement == lru.placement

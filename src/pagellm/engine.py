@@ -209,7 +209,8 @@ class InferenceEngine:
                 policy = PinnedHotSet(auto_budget(mf, n_ctx, probe))
         self.weights = LayerPager.build(mf, policy, replacement=cfg.replacement, io_mode=cfg.io_mode)
         # What the planner expects of this placement on this machine (cached calibration or defaults).
-        self.plan = plan_offload(mf, policy, MachineProfile.load_or_default(), self.weights.source.alignment)
+        self.plan = plan_offload(mf, policy, MachineProfile.load_or_default(), self.weights.source.alignment,
+                                 replacement=cfg.replacement)
         if probe is not None:
             self.pressure = PressureMonitor(self.weights, probe, policy.ram_budget_bytes(), cfg.pressure).start()
         self.model_file, self.args, self.n_ctx = mf, args, n_ctx

@@ -345,10 +345,7 @@ class LayerPager:
         capacities = {n: e.unit.capacity for n, e in self._entries.items()}
         pinned = [n for n, e in self._entries.items() if e.pinned]
         embedding = [u.name for u in self._units_by_group.get(TOKEN_EMBEDDING, [])]
-        budget = self._budget if self.replacement == "auto" else 0
-        if self._budget is None:
-            budget = None
-        return place(capacities, self.sweep_order, budget, pinned, self.prefetch_n_ahead, embedding)
+        return place(capacities, self.sweep_order, self._budget, pinned, self.prefetch_n_ahead, embedding, self.replacement)
 
     def _load_pinned(self) -> None:
         for entry in self._entries.values():

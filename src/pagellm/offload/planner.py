@@ -58,8 +58,12 @@ def place(
     pinned_units: Sequence[str],
     prefetch_n_ahead: int,
     embedding_units: Sequence[str] = (),
+    replacement: str = "auto",
 ) -> Placement:
     """Choose the placement; ``units`` maps unit name -> buffer bytes (capacity).
+
+    With ``replacement="lru"`` (for comparison) nothing stays resident once the sweep is larger
+    than the budget: LRU evicts exactly the unit the sweep needs next, so every unpinned unit streams.
 
     The window must hold the largest run of ``1 + prefetch`` consecutive streamed units (the one
     computing and those being read behind it), which depends on what stays resident; so the window
@@ -88,6 +92,8 @@ def place(
         if needed <= window:
             break
         window = needed if attempt < 3 else slots * largest  # the worst case always holds
+    if replacement == "lru":
+        resident, streamed = set(), candidates
     return Placement(pinned, tuple(u for u in candidates if u in resident), tuple(streamed), row_read, window,
                      budget_bytes, slots)
 
@@ -181,14 +187,17 @@ class MachineProfile:
         os.replace(tmp, path)
 
 
-def measure_disk(path: str | os.PathLike[str], seconds: float = 2.0, chunk: int = 64 * MiB) -> float:
+def measure_disk(path: str | os.PathLike[str], seconds: float = 2.0, chunk: int = 64 * MiB,
+                 region: int = 1024 * MiB) -> float:
     """Bytes/s of large sequential O_DIRECT reads of ``path``, as the pager's reader makes them.
 
-    A region is read twice and the second pass timed: decoding re-reads the same streamed layers
-    every token, and on a virtual disk backed by the host's cache those repeats run faster than
-    first reads (here 1.0-1.6 against 0.3-0.8 GB/s); on a plain disk the two passes are alike.
-    One reader with large reads: two concurrent readers measured less in total (0.64 against 1.1
-    GB/s), and 4 MiB reads a third less than 64 MiB ones.
+    The first quarter of the time reads without timing: decoding re-reads the same streamed
+    layers every token, and on a virtual disk backed by the host's cache those repeats run faster
+    than first reads (here 1.0-1.6 against 0.3-0.8 GB/s); on a plain disk the two are alike. The
+    rest cycles over a region of the file and returns the median rate of its reads, which one
+    slow or fast read (this VM's disk swings 1.8-2.3 GB/s from pass to pass) does not move.
+    One reader with large reads into huge-page buffers, as the pager: two concurrent readers
+    measured less in total (0.64 against 1.1 GB/s), and 4 MiB reads a third less than 64 MiB ones.
     """
     from pagellm.offload.source import FileSource, allocate_buffer
 
@@ -196,18 +205,22 @@ def measure_disk(path: str | os.PathLike[str], seconds: float = 2.0, chunk: int 
         if src.mode != "direct":
             src.evict_page_cache()
         buf = allocate_buffer(chunk + 2 * src.alignment)
-        n_chunks = max(1, min(src.file_size, 512 * MiB) // chunk)
-        rate = 0.0
-        for _ in range(2):
-            done, t0 = 0, time.perf_counter()
-            for i in range(n_chunks):
-                if time.perf_counter() - t0 > seconds / 2:
-                    break
-                n = min(chunk, src.file_size - i * chunk)
-                src.read_into(i * chunk, n, buf)
-                done += n
-            rate = done / max(time.perf_counter() - t0, 1e-9)
-        return rate
+        n_chunks = max(1, min(src.file_size, region) // chunk)
+        rates: list[float] = []
+        t_start = time.perf_counter()
+        i = 0
+        while True:
+            elapsed = time.perf_counter() - t_start
+            if elapsed > seconds and len(rates) >= 3:
+                break
+            offset = (i % n_chunks) * chunk
+            n = min(chunk, src.file_size - offset)
+            t0 = time.perf_counter()
+            src.read_into(offset, n, buf)
+            if elapsed > seconds / 4 or i >= n_chunks:  # past the warm-up pass
+                rates.append(n / max(time.perf_counter() - t0, 1e-9))
+            i += 1
+        return float(np.median(rates))
 
 
 def measure_compute(ggml_types: Sequence[str], threads: int | None = None, seconds_each: float = 0.4) -> dict[str, float]:
@@ -275,7 +288,12 @@ def calibrate(
     types = sorted({t.ggml_type.name for t in mf.tensors.values() if len(t.shape) > 1})
     if progress:
         progress("disk")
-    disk = measure_disk(mf.path, seconds=max(1.0, seconds * 0.4))
+    # reads the size of the units that stream (a block's larger part): read size moves the rate
+    from pagellm.offload.pager import plan_units
+
+    block_units = [u.nbytes for g in mf.block_groups for u in plan_units(mf, 4096)[g]]
+    chunk = min(256 * MiB, max(16 * MiB, max(block_units, default=64 * MiB)))
+    disk = measure_disk(mf.path, seconds=max(1.0, seconds * 0.4), chunk=chunk)
     if progress:
         progress("compute")
     rates = measure_compute(types, threads, seconds_each=max(0.1, seconds * 0.5 / max(1, len(types))))
@@ -448,15 +466,21 @@ def plan_offload(
     profile: MachineProfile | None = None,
     alignment: int = 4096,
     n_ctx: int = 512,
+    replacement: str = "auto",
 ) -> Plan:
-    """Placement and per-token predictions for ``policy`` on this model and machine."""
+    """Placement and per-token predictions for ``policy`` on this model and machine.
+
+    ``replacement="lru"`` predicts the pager run with plain LRU, for comparison: on a sweep larger
+    than the budget it keeps nothing from one token to the next, so every unpinned unit streams.
+    """
     from pagellm.offload.pager import LayerPager
 
     profile = profile or MachineProfile.load_or_default()
     units, order, pinned, prefetch = LayerPager.describe(mf, policy, alignment)
     capacities = {u.name: u.capacity for u in units}
-    placement = place(capacities, order, policy.ram_budget_bytes(), pinned, prefetch,
-                      [u.name for u in units if u.group == TOKEN_EMBEDDING])
+    budget = policy.ram_budget_bytes()
+    placement = place(capacities, order, budget, pinned, prefetch, [u.name for u in units if u.group == TOKEN_EMBEDDING],
+                      replacement)
     payload = {u.name: u.nbytes for u in units}
     types = {u.name: mf.tensors[max(u.slices, key=lambda s: s.nbytes).tensor].ggml_type.name for u in units}
     parts = collections.Counter(u.group for u in units)
@@ -477,7 +501,6 @@ def plan_offload(
         seconds, stall = simulate_step(order, streamed, read_s, compute_s, slots, min(prefetch, slots - 1))
     else:
         seconds, stall = compute, 0.0
-    budget = policy.ram_budget_bytes()
     floor_bytes = max(0, mf.weight_bytes - budget) if budget is not None else 0
     floor = max(compute, floor_bytes / profile.disk_bytes_per_s)
     return Plan(placement, mf.weight_bytes, payload, bytes_per_token, compute, reads, stall, max(seconds, 1e-9), floor, profile)
