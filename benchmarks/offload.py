@@ -5,12 +5,15 @@ Usage: python benchmarks/offload.py [--dir /tmp/pagellm-models] [--models tinyll
 
 Each row runs in a fresh process, so its peak RSS is its own. Reads use O_DIRECT (the page cache
 never serves them; the file's cached pages are also dropped with POSIX_FADV_DONTNEED before each
-row). Disk bandwidth, compute rate per GGML type and per-layer overhead are measured first
-(pagellm.offload.planner.calibrate); the planner's prediction is printed beside each measurement.
+row). Compute rate per GGML type and per-layer overhead are measured first
+(pagellm.offload.planner.calibrate), the disk's rate again just before each row (it drifts); the
+planner's prediction is printed beside each measurement, and beside it the same plan at the rate the
+row's own reads achieved, which separates the planner's error from the disk's drift.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -96,6 +99,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--calibrate-seconds", type=float, default=4.0)
+    ap.add_argument("--disk-seconds", type=float, default=5.0, help="disk measurement before each row")
     ap.add_argument("--row", nargs=2, metavar=("MODEL", "KIND:FRACTION"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.row:
@@ -104,7 +108,7 @@ def main() -> None:
         return
 
     from pagellm.modelfile import ModelFile
-    from pagellm.offload.planner import MachineProfile, calibrate, plan_offload
+    from pagellm.offload.planner import MachineProfile, calibrate, measure_disk, plan_offload, streamed_read_bytes
 
     args.dir.mkdir(parents=True, exist_ok=True)
     models = [tuple(m.split(":")) for m in args.models.split(",")]
@@ -119,12 +123,16 @@ def main() -> None:
         profile.disk_bytes_per_s = measured.disk_bytes_per_s  # same disk for every file
         profile.layer_overhead_s = measured.layer_overhead_s
     rates = ", ".join(f"{t} {r / 1e9:.2f} GB/s" for t, r in sorted(profile.compute_bytes_per_s.items()))
-    print(f"disk {profile.disk_bytes_per_s / 1e9:.2f} GB/s (O_DIRECT); compute {rates}; "
+    print(f"calibration: disk {profile.disk_bytes_per_s / 1e9:.2f} GB/s (O_DIRECT); compute {rates}; "
           f"{profile.layer_overhead_s * 1e3:.2f} ms/layer besides mat-vecs; {args.threads} threads")
-    print("floor = max(compute, (M - B) / the bandwidth the row's own reads achieved); ratio = floor time / measured time")
+    print("disk: GB/s of the disk measured just before the row (5 s of O_DIRECT reads the size of the streamed units); "
+          "reads: GB/s the row's own reads achieved")
+    print("floor = max(compute, (M - B) / disk); ratio = floor time / measured time; "
+          "planned: the planner's tok/s from the calibration and that disk figure; "
+          "at reads: the same plan at the rate the row's reads achieved")
     header = (f"{'model':28s} {'policy':14s} {'budget':>6s} | {'tok/s':>6s} {'disk':>5s} {'floor':>6s} {'ratio':>5s} | "
               f"{'MB read/tok':>11s} {'(M-B) MB':>8s} {'ok':>3s} | {'stall':>5s} | {'peak RSS':>8s} {'B+KV+200':>8s} {'ok':>3s} | "
-              f"{'planned':>7s} {'err':>5s}")
+              f"{'planned':>7s} {'err':>5s} | {'reads':>5s} {'at reads':>8s} {'err':>5s}")
     print(header)
     print("-" * len(header))
     for shape, ggml_type in models:
@@ -132,6 +140,10 @@ def main() -> None:
         mf = ModelFile.open(path)
         for pct in (int(b) for b in args.budgets.split(",")):
             for kind in args.policies.split(","):
+                # the disk's rate drifts over minutes here: measure it again just before each row,
+                # after a pause for the previous row's exit (freeing its memory) to settle
+                time.sleep(1.0)
+                profile.disk_bytes_per_s = measure_disk(path, seconds=args.disk_seconds, chunk=streamed_read_bytes(mf))
                 out = subprocess.run([sys.executable, __file__, "--row", str(path), f"{kind}:{pct / 100}",
                                       "--tokens", str(args.tokens), "--threads", str(args.threads), "--warmup", str(args.warmup)],
                                      capture_output=True, text=True)
@@ -142,16 +154,21 @@ def main() -> None:
                 B, M = r["budget"], r["weight_bytes"]
                 policy, replacement = policy_for(kind, B)
                 plan = plan_offload(mf, policy, profile, replacement=replacement)
-                floor_s = max(plan.compute_seconds_per_token, (M - B) / r["disk_bytes_per_s"])
+                # the same plan at the rate the row's reads achieved: what is left is the planner's own error
+                at_row = plan_offload(mf, policy, dataclasses.replace(profile, disk_bytes_per_s=r["disk_bytes_per_s"]),
+                                      replacement=replacement)
+                floor_s = max(plan.compute_seconds_per_token, (M - B) / profile.disk_bytes_per_s)
                 ratio = r["tok_s"] * floor_s
                 bytes_ok = r["bytes_per_token"] <= 1.05 * (M - B) + r["largest_unit"]
                 rss_limit = B + r["kv_bytes"] + 200 * MiB
                 rss_ok = r["peak_rss"] <= rss_limit
                 err = (plan.predicted_tokens_per_s - r["tok_s"]) / r["tok_s"]
-                print(f"{path.name:28s} {kind:14s} {pct:5d}% | {r['tok_s']:6.2f} {r['disk_bytes_per_s'] / 1e9:5.2f} {1 / floor_s:6.2f} {ratio:5.2f} | "
+                err_at_row = (at_row.predicted_tokens_per_s - r["tok_s"]) / r["tok_s"]
+                print(f"{path.name:28s} {kind:14s} {pct:5d}% | {r['tok_s']:6.2f} {profile.disk_bytes_per_s / 1e9:5.2f} {1 / floor_s:6.2f} {ratio:5.2f} | "
                       f"{r['bytes_per_token'] / 1e6:11.0f} {(M - B) / 1e6:8.0f} {'yes' if bytes_ok else 'NO':>3s} | "
                       f"{r['stall_share']:5.2f} | {r['peak_rss'] / MiB:8.0f} {rss_limit / MiB:8.0f} {'yes' if rss_ok else 'NO':>3s} | "
-                      f"{plan.predicted_tokens_per_s:7.2f} {err:+5.0%}", flush=True)
+                      f"{plan.predicted_tokens_per_s:7.2f} {err:+5.0%} | "
+                      f"{r['disk_bytes_per_s'] / 1e9:5.2f} {at_row.predicted_tokens_per_s:8.2f} {err_at_row:+5.0%}", flush=True)
 
 
 if __name__ == "__main__":

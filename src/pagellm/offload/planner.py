@@ -187,25 +187,27 @@ class MachineProfile:
         os.replace(tmp, path)
 
 
-def measure_disk(path: str | os.PathLike[str], seconds: float = 2.0, chunk: int = 64 * MiB,
+def measure_disk(path: str | os.PathLike[str], seconds: float = 2.0, chunk: int | Sequence[int] = 64 * MiB,
                  region: int = 1024 * MiB) -> float:
     """Bytes/s of large sequential O_DIRECT reads of ``path``, as the pager's reader makes them.
 
-    The first quarter of the time reads without timing: decoding re-reads the same streamed
-    layers every token, and on a virtual disk backed by the host's cache those repeats run faster
-    than first reads (here 1.0-1.6 against 0.3-0.8 GB/s); on a plain disk the two are alike. The
-    rest cycles over a region of the file and returns the median rate of its reads, which one
-    slow or fast read (this VM's disk swings 1.8-2.3 GB/s from pass to pass) does not move.
-    One reader with large reads into huge-page buffers, as the pager: two concurrent readers
-    measured less in total (0.64 against 1.1 GB/s), and 4 MiB reads a third less than 64 MiB ones.
+    ``chunk`` is the read size, or the sizes of one block's units, read in turn: small reads run
+    slower (here 9 MiB at 1.6 GB/s, 35 MiB at 1.8, 76 MiB at 2.1), so the mix the pager will
+    stream is what is timed. The first quarter of the time reads without timing: decoding re-reads
+    the same streamed layers every token, and on a virtual disk backed by the host's cache those
+    repeats run faster than first reads; on a plain disk the two are alike. The rest cycles over a
+    region of the file and returns the median rate of its rounds (one read of each size), which one
+    slow or fast read does not move. One reader into huge-page buffers, as the pager.
     """
     from pagellm.offload.source import FileSource, allocate_buffer
 
+    sizes = [int(chunk)] if isinstance(chunk, int) else [int(c) for c in chunk]
     with FileSource(path) as src:
         if src.mode != "direct":
             src.evict_page_cache()
-        buf = allocate_buffer(chunk + 2 * src.alignment)
-        n_chunks = max(1, min(src.file_size, region) // chunk)
+        buffer = allocate_buffer(max(sizes) + 2 * src.alignment)
+        span = sum(sizes)
+        n_rounds = max(1, min(src.file_size, region) // span)
         rates: list[float] = []
         t_start = time.perf_counter()
         i = 0
@@ -213,14 +215,28 @@ def measure_disk(path: str | os.PathLike[str], seconds: float = 2.0, chunk: int 
             elapsed = time.perf_counter() - t_start
             if elapsed > seconds and len(rates) >= 3:
                 break
-            offset = (i % n_chunks) * chunk
-            n = min(chunk, src.file_size - offset)
+            offset = (i % n_rounds) * span
             t0 = time.perf_counter()
-            src.read_into(offset, n, buf)
-            if elapsed > seconds / 4 or i >= n_chunks:  # past the warm-up pass
-                rates.append(n / max(time.perf_counter() - t0, 1e-9))
+            done = 0
+            for n in sizes:
+                n = min(n, src.file_size - offset - done)
+                if n > 0:
+                    src.read_into(offset + done, n, buffer)
+                    done += n
+            if elapsed > seconds / 4 or i >= n_rounds:  # past the warm-up pass
+                rates.append(done / max(time.perf_counter() - t0, 1e-9))
             i += 1
         return float(np.median(rates))
+
+
+def streamed_read_bytes(mf: ModelFile) -> list[int]:
+    """The read sizes to calibrate with: the units of the largest block, which is most of what streams."""
+    from pagellm.offload.pager import plan_units
+
+    if not mf.block_groups:
+        return [64 * MiB]
+    block = max(mf.block_groups, key=mf.group_bytes)
+    return [min(256 * MiB, u.nbytes) for u in plan_units(mf, 4096)[block]]
 
 
 def measure_compute(ggml_types: Sequence[str], threads: int | None = None, seconds_each: float = 0.4) -> dict[str, float]:
@@ -288,12 +304,7 @@ def calibrate(
     types = sorted({t.ggml_type.name for t in mf.tensors.values() if len(t.shape) > 1})
     if progress:
         progress("disk")
-    # reads the size of the units that stream (a block's larger part): read size moves the rate
-    from pagellm.offload.pager import plan_units
-
-    block_units = [u.nbytes for g in mf.block_groups for u in plan_units(mf, 4096)[g]]
-    chunk = min(256 * MiB, max(16 * MiB, max(block_units, default=64 * MiB)))
-    disk = measure_disk(mf.path, seconds=max(1.0, seconds * 0.4), chunk=chunk)
+    disk = measure_disk(mf.path, seconds=max(1.0, seconds * 0.4), chunk=streamed_read_bytes(mf))
     if progress:
         progress("compute")
     rates = measure_compute(types, threads, seconds_each=max(0.1, seconds * 0.5 / max(1, len(types))))
