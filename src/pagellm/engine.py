@@ -17,7 +17,8 @@ from pagellm.offload.monitor import PressureConfig, PressureMonitor
 from pagellm.offload.pager import LayerPager, PagerError, PagerStats, ResidentStore
 from pagellm.offload.planner import MachineProfile, Plan, auto_budget, plan_offload
 from pagellm.offload.policy import AnyPolicy, NoOffload, OffloadPolicy, PinnedHotSet
-from pagellm.offload.pressure import MemoryProbe, fix_malloc_mmap_threshold, peak_rss_bytes, process_rss_bytes
+from pagellm.offload.pressure import (MemoryProbe, fix_malloc_mmap_threshold, peak_rss_bytes, process_rss_bytes,
+                                      release_compiler_pages)
 from pagellm.sampling import Sampler, SamplerConfig, StopChecker
 from pagellm.kv_cache import KVCache
 from pagellm.offload.source import SourceError
@@ -207,6 +208,9 @@ class InferenceEngine:
             probe = cfg.pressure_probe or MemoryProbe()
             if policy.is_disabled():
                 policy = PinnedHotSet(auto_budget(mf, n_ctx, probe))
+        # Kernels load before any weight, so the compiler's pages go back before the budget fills.
+        kernels.warm_up(t.ggml_type for t in mf.tensors.values() if len(t.shape) > 1)
+        release_compiler_pages()
         self.weights = LayerPager.build(mf, policy, replacement=cfg.replacement, io_mode=cfg.io_mode)
         # What the planner expects of this placement on this machine (cached calibration or defaults).
         self.plan = plan_offload(mf, policy, MachineProfile.load_or_default(), self.weights.source.alignment,

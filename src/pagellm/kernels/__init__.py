@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable
 
 import numba
 import numpy as np
@@ -158,6 +159,20 @@ def matmul(raw: np.ndarray, ggml_type, cols: int, X: np.ndarray) -> np.ndarray:
     else:
         _tiled_blas_matmul(kernels, rows, cols, X, out)
     return out
+
+
+def warm_up(ggml_types: Iterable) -> None:
+    """Load (or compile) every kernel path a forward pass takes for these types, on tiny zero weights.
+
+    Numba loads each kernel on its first call; doing it before any weight is read lets the
+    engine hand back the compiler's pages (``release_compiler_pages``) before the budget fills.
+    """
+    for t in {_type(g) for g in ggml_types if is_supported(g)}:
+        cols = _kernels(t).block_size * max(1, 256 // _kernels(t).block_size)
+        raw = np.zeros(4 * row_bytes(t, cols), dtype=np.uint8)
+        dequantize(raw, t, cols)
+        for n in (1, 2, FUSED_MATMUL_MAX_VECTORS + 1):  # mat-vec, several vectors, the tiled BLAS path
+            matmul(raw, t, cols, np.zeros((n, cols), dtype=np.float32))
 
 
 def _tiled_blas_matmul(kernels: TypeKernels, rows: np.ndarray, cols: int, X: np.ndarray, out: np.ndarray) -> None:

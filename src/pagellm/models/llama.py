@@ -9,7 +9,7 @@ import numpy as np
 
 from pagellm import kernels
 from pagellm.kv_cache import KVCache
-from pagellm.modelfile import GLOBALS, OUTPUT_HEAD, TOKEN_EMBEDDING, ModelFile
+from pagellm.modelfile import GLOBALS, OUTPUT_HEAD, TOKEN_EMBEDDING, ModelFile, TensorInfo
 from pagellm.models.config import ModelArgs
 from pagellm.offload.pager import LayerPager
 
@@ -116,12 +116,19 @@ class LlamaModel:
         """One transformer block over all rows: attention (per sequence) then feed-forward, each with a residual.
 
         The two halves are separate pager units: the attention weights are let go before the
-        feed-forward ones are needed, which halves the RAM the streaming window takes.
+        feed-forward ones are needed, which halves the RAM the streaming window takes. Each half
+        is its own method so that no reference to a released unit's tensors outlives it: a buffer
+        the pager has evicted must be memory the process has given back.
         """
+        attn_unit, ffn_unit = self.block_units[layer]
+        x = self.attention_part(attn_unit, layer, x, segments)
+        return self.feed_forward_part(ffn_unit, layer, x)
+
+    def attention_part(self, unit: str, layer: int, x: np.ndarray, segments: list["Segment"]) -> np.ndarray:
+        """x + attention(rms_norm(x)), with this layer's keys and values stored in each sequence's cache."""
         a = self.args
         p = f"blk.{layer}."
-        attn_unit, ffn_unit = self.block_units[layer]
-        with self.acquired(attn_unit) as w:
+        with self.acquired(unit) as w:
             T = x.shape[0]
             h = rms_norm(x, as_f32(w[p + "attn_norm.weight"]), a.rms_eps)
             q = self.linear(w, p + "attn_q.weight", h)
@@ -144,8 +151,13 @@ class LlamaModel:
                 seg.cache.store(layer, seg.start, self.rope(k[rows], seg.cos, seg.sin), v[rows])
                 end = seg.start + (seg.end - seg.row)
                 attn[rows] = self.attention(qs, seg.cache.keys[layer, :end], seg.cache.values[layer, :end], seg.start)
-            x = x + self.linear(w, p + "attn_output.weight", attn)
-        with self.acquired(ffn_unit) as w:
+            return x + self.linear(w, p + "attn_output.weight", attn)
+
+    def feed_forward_part(self, unit: str, layer: int, x: np.ndarray) -> np.ndarray:
+        """x + ffn_down(silu(ffn_gate(h)) * ffn_up(h)), h = rms_norm(x)."""
+        a = self.args
+        p = f"blk.{layer}."
+        with self.acquired(unit) as w:
             h = rms_norm(x, as_f32(w[p + "ffn_norm.weight"]), a.rms_eps)
             gate = self.linear(w, p + "ffn_gate.weight", h)
             up = self.linear(w, p + "ffn_up.weight", h)
@@ -166,10 +178,14 @@ class LlamaModel:
         info = self.mf.tensors[self.head_tensor]
         logits = np.empty((x.shape[0], self.args.n_vocab), dtype=np.float32)
         for unit in self.head_units:
-            with self.acquired(unit) as t:
-                s = self.weights.unit(unit).slice_of(self.head_tensor)
-                logits[:, s.row_start : s.row_end] = kernels.matmul(t[self.head_tensor], info.ggml_type, info.shape[0], x)
+            s = self.weights.unit(unit).slice_of(self.head_tensor)
+            logits[:, s.row_start : s.row_end] = self.head_slice(unit, info, x)
         return logits
+
+    def head_slice(self, unit: str, info: TensorInfo, x: np.ndarray) -> np.ndarray:
+        """Logits of the rows one head unit holds (a method so its tensors are let go on return)."""
+        with self.acquired(unit) as t:
+            return kernels.matmul(t[self.head_tensor], info.ggml_type, info.shape[0], x)
 
     # -- attention and rotary embedding ----------------------------------------------------
 

@@ -412,3 +412,46 @@ def fix_malloc_mmap_threshold(nbytes: int = 1 << 20) -> bool:
         return bool(libc.mallopt(M_MMAP_THRESHOLD, int(nbytes)))
     except (OSError, AttributeError):
         return False  # not glibc: nothing to fix
+
+
+MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages from the process now
+COMPILER_LIBRARIES = ("libllvmlite",)  # numba's LLVM: needed to compile and load kernels, not to run them
+
+
+def release_compiler_pages(root: Path = DEFAULT_ROOT) -> int:
+    """Hand back the resident pages of numba's compiler library; returns the bytes they held.
+
+    LLVM's code (about 68 MiB here) is touched while numba loads the kernels and is dead weight
+    once they are loaded, yet it stays in the process's RSS, where it takes a third of the runtime's
+    allowance next to the budget. The pages are clean file pages: reclaiming them loses nothing,
+    and they fault back in if a kernel is ever compiled later. Call it after ``kernels.warm_up``.
+    """
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        maps = _read_text(_proc_self(root) / "maps") or ""
+    except (OSError, AttributeError):
+        return 0
+    before = _mapped_rss_bytes(root, COMPILER_LIBRARIES)
+    for line in maps.splitlines():
+        fields = line.split()
+        if len(fields) < 6 or not any(name in fields[5] for name in COMPILER_LIBRARIES):
+            continue
+        start, end = (int(v, 16) for v in fields[0].split("-"))
+        libc.madvise(start, end - start, MADV_PAGEOUT)  # an old kernel says EINVAL: nothing lost
+    return max(0, before - _mapped_rss_bytes(root, COMPILER_LIBRARIES))
+
+
+def _mapped_rss_bytes(root: Path, names: tuple[str, ...]) -> int:
+    """Resident bytes of the mappings whose path contains one of ``names`` (from smaps)."""
+    total, counting = 0, False
+    for line in (_read_text(_proc_self(root) / "smaps") or "").splitlines():
+        head = line.split(maxsplit=5)
+        if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            counting = len(head) == 6 and any(name in head[5] for name in names)
+        elif counting and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total
