@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -99,7 +100,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--calibrate-seconds", type=float, default=4.0)
-    ap.add_argument("--disk-seconds", type=float, default=5.0, help="disk measurement before each row")
+    ap.add_argument("--disk-seconds", type=float, default=5.0, help="disk measurement before each run")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per row; the row shows medians (peak RSS: the worst)")
     ap.add_argument("--row", nargs=2, metavar=("MODEL", "KIND:FRACTION"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.row:
@@ -140,17 +142,27 @@ def main() -> None:
         mf = ModelFile.open(path)
         for pct in (int(b) for b in args.budgets.split(",")):
             for kind in args.policies.split(","):
-                # the disk's rate drifts over minutes here: measure it again just before each row,
-                # after a pause for the previous row's exit (freeing its memory) to settle
-                time.sleep(1.0)
-                profile.disk_bytes_per_s = measure_disk(path, seconds=args.disk_seconds, chunk=streamed_read_bytes(mf))
-                out = subprocess.run([sys.executable, __file__, "--row", str(path), f"{kind}:{pct / 100}",
-                                      "--tokens", str(args.tokens), "--threads", str(args.threads), "--warmup", str(args.warmup)],
-                                     capture_output=True, text=True)
+                runs, disks = [], []
+                for _ in range(args.repeats):
+                    # the disk's rate drifts over minutes here: measure it again just before each run,
+                    # after a pause for the previous run's exit (freeing its memory) to settle
+                    time.sleep(1.0)
+                    disks.append(measure_disk(path, seconds=args.disk_seconds, chunk=streamed_read_bytes(mf)))
+                    out = subprocess.run([sys.executable, __file__, "--row", str(path), f"{kind}:{pct / 100}",
+                                          "--tokens", str(args.tokens), "--threads", str(args.threads),
+                                          "--warmup", str(args.warmup)], capture_output=True, text=True)
+                    if out.returncode:
+                        break
+                    runs.append(json.loads(out.stdout))
                 if out.returncode:
                     print(f"{path.name:28s} {kind:14s} {pct:5d}% | failed: {out.stderr.strip().splitlines()[-1]}", flush=True)
                     continue
-                r = json.loads(out.stdout)
+                # medians over the repeats, except peak RSS: the worst run
+                r = {k: statistics.median(run[k] for run in runs) for k in ("tok_s", "bytes_per_token", "stall_share",
+                                                                            "disk_bytes_per_s")}
+                r.update({k: runs[0][k] for k in ("budget", "weight_bytes", "kv_bytes", "largest_unit")})
+                r["peak_rss"] = max(run["peak_rss"] for run in runs)
+                profile.disk_bytes_per_s = statistics.median(disks)
                 B, M = r["budget"], r["weight_bytes"]
                 policy, replacement = policy_for(kind, B)
                 plan = plan_offload(mf, policy, profile, replacement=replacement)
