@@ -107,6 +107,11 @@ def _run_bytes(order: Sequence[str], units: Mapping[str, int], n: int) -> int:
     return max(sum(sizes[(i + k) % len(sizes)] for k in range(n)) for i in range(len(sizes)))
 
 
+def block_of(unit: str) -> str:
+    """The block a unit belongs to (``blk.3`` for ``blk.3@ffn``); other units stand for themselves."""
+    return unit.partition("@")[0] if unit.startswith("blk.") else unit
+
+
 def _spread(candidates: Sequence[str], units: Mapping[str, int], room: int) -> set[str]:
     """Pick units that fit in ``room``, evenly spaced over the sweep (so reads interleave with compute).
 
@@ -115,9 +120,6 @@ def _spread(candidates: Sequence[str], units: Mapping[str, int], room: int) -> s
     """
     if room <= 0 or not candidates:
         return set()
-    def block_of(u: str) -> str:
-        return u.partition("@")[0] if u.startswith("blk.") else u
-
     items: list[list[str]] = []
     for u in candidates:
         if items and block_of(items[-1][0]) == block_of(u):
@@ -397,8 +399,8 @@ def _compress(units: Sequence[str]) -> str:
     listed = set(units)
     names: list[str] = []
     for u in units:
-        block = u.partition("@")[0]
-        whole = u.startswith("blk.") and all(f"{block}@{part}" in listed for part in ("attn", "ffn"))
+        block = block_of(u)
+        whole = block != u and all(f"{block}@{part}" in listed for part in ("attn", "ffn"))
         name = block if whole else u
         if not names or names[-1] != name:
             names.append(name)
