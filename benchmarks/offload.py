@@ -45,8 +45,9 @@ def policy_for(kind: str, budget: int):
     raise ValueError(kind)
 
 
-def run_row(path: str, kind: str, fraction: float, tokens: int, threads: int, warmup: int) -> dict:
-    """One measurement, in this (fresh) process."""
+def run_row(path: str, kind: str, fraction: float, tokens: int, threads: int, warmup: int,
+            profile_path: str | None = None) -> dict:
+    """One measurement, in this (fresh) process, planned with the parent's calibration."""
     from pagellm.engine import EngineConfig, InferenceEngine
     from pagellm.modelfile import ModelFile
     from pagellm.offload.pressure import peak_rss_bytes, reset_peak_rss
@@ -58,9 +59,13 @@ def run_row(path: str, kind: str, fraction: float, tokens: int, threads: int, wa
     policy, replacement = policy_for(kind, budget)
     with FileSource(path, "buffered") as src:
         src.evict_page_cache()
+    from pagellm.offload.planner import MachineProfile
+
+    profile = MachineProfile.load_or_default(Path(profile_path)) if profile_path else None
     reset_peak_rss()
     eng = InferenceEngine(EngineConfig(path, context_size=256, n_threads=threads, offload_policy=policy,
-                                       replacement=replacement, sampler=SamplerConfig.greedy())).load_model()
+                                       replacement=replacement, sampler=SamplerConfig.greedy(),
+                                       machine_profile=profile)).load_model()
     seq = eng.start([1, 450, 4996, 17354], max_tokens=warmup + tokens + 1)
     for _ in range(warmup):
         eng.step([seq])
@@ -85,6 +90,8 @@ def run_row(path: str, kind: str, fraction: float, tokens: int, threads: int, wa
         "pager_peak": now.peak_resident_bytes,
         "largest_unit": max(eng.weights.unit(u).nbytes for u in eng.weights.units),
         "io_mode": eng.weights.io_mode,
+        "fresh_bytes_per_token": (now.fresh_buffer_bytes - before.fresh_buffer_bytes) / tokens,
+        "threads_while_reading": eng.model.threads_while_reading or threads,
         # the bandwidth the row's own reads achieved (bytes from the file / seconds inside reads)
         "disk_bytes_per_s": (source.bytes_read - disk_bytes0) / max(source.read_seconds - disk_seconds0, 1e-9),
     }
@@ -103,10 +110,12 @@ def main() -> None:
     ap.add_argument("--disk-seconds", type=float, default=5.0, help="disk measurement before each run")
     ap.add_argument("--repeats", type=int, default=1, help="runs per row; the row shows medians (peak RSS: the worst)")
     ap.add_argument("--row", nargs=2, metavar=("MODEL", "KIND:FRACTION"), help=argparse.SUPPRESS)
+    ap.add_argument("--profile", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.row:
         kind, fraction = args.row[1].split(":")
-        print(json.dumps(run_row(args.row[0], kind, float(fraction), args.tokens, args.threads, args.warmup)))
+        print(json.dumps(run_row(args.row[0], kind, float(fraction), args.tokens, args.threads, args.warmup,
+                                 args.profile)))
         return
 
     from pagellm.modelfile import ModelFile
@@ -123,22 +132,33 @@ def main() -> None:
         model_types = {t.ggml_type.name for t in mf.tensors.values() if len(t.shape) > 1}
         # only what was measured just now (the returned profile also carries cached figures)
         profile.compute_bytes_per_s.update({t: r for t, r in measured.compute_bytes_per_s.items() if t in model_types})
+        profile.compute_bytes_per_s_one_fewer.update(
+            {t: r for t, r in measured.compute_bytes_per_s_one_fewer.items() if t in model_types})
         profile.disk_bytes_per_s = measured.disk_bytes_per_s  # same disk for every file
+        profile.disk_bytes_per_s_beside_compute = measured.disk_bytes_per_s_beside_compute
         profile.layer_overhead_s = measured.layer_overhead_s
+        profile.threads = measured.threads
     # The rows run in child processes; LLVM pages this process still maps would count as shared in
     # theirs and stay resident there (MADV_PAGEOUT skips pages other processes map), so let them go.
     release_compiler_pages()
     rates = ", ".join(f"{t} {r / 1e9:.2f} GB/s" for t, r in sorted(profile.compute_bytes_per_s.items()))
-    print(f"calibration: disk {profile.disk_bytes_per_s / 1e9:.2f} GB/s (O_DIRECT); compute {rates}; "
+    fewer = ", ".join(f"{t} {r / 1e9:.2f} GB/s" for t, r in sorted(profile.compute_bytes_per_s_one_fewer.items()))
+    print(f"calibration: disk {profile.disk_bytes_per_s / 1e9:.2f} GB/s (O_DIRECT), "
+          f"{profile.read_rate_beside_compute() / 1e9:.2f} GB/s beside compute on {args.threads} threads; "
+          f"compute {rates}; on one thread fewer {fewer or '-'}; "
           f"{profile.layer_overhead_s * 1e3:.2f} ms/layer besides mat-vecs; {args.threads} threads")
-    print("disk: GB/s of the disk measured just before the row (5 s of O_DIRECT reads the size of the streamed units); "
-          "reads: GB/s the row's own reads achieved")
+    profile_file = Path(tempfile.mkdtemp(prefix="pagellm-bench-")) / "profile.json"
+    print("disk: GB/s of the disk measured just before the row (5 s of O_DIRECT reads the size of the streamed units, "
+          "cycling over as many bytes as the row streams per token); reads: GB/s the row's own reads achieved")
+    print("thr: compute threads while a read is in flight (the plan's choice); fresh MB: buffer bytes per token "
+          "the pager had to map anew (the kernel zeroes them) rather than reuse")
     print("floor = max(compute, (M - B) / disk); ratio = floor time / measured time; "
           "planned: the planner's tok/s from the calibration and that disk figure; "
           "after reads: the ratio and the plan again with the rate the row's own reads achieved as the disk's")
     header = (f"{'model':28s} {'policy':14s} {'budget':>6s} | {'tok/s':>6s} {'disk':>5s} {'floor':>6s} {'ratio':>5s} | "
               f"{'MB read/tok':>11s} {'(M-B) MB':>8s} {'ok':>3s} | {'stall':>5s} | {'peak RSS':>8s} {'B+KV+200':>8s} {'ok':>3s} | "
-              f"{'planned':>7s} {'err':>5s} | {'reads':>5s} {'ratio':>5s} {'planned':>7s} {'err':>5s}")
+              f"{'planned':>7s} {'err':>5s} | {'reads':>5s} {'ratio':>5s} {'planned':>7s} {'err':>5s} | "
+              f"{'thr':>3s} {'fresh MB':>8s}")
     print(header)
     print("-" * len(header))
     for shape, ggml_type in models:
@@ -151,10 +171,17 @@ def main() -> None:
                     # the disk's rate drifts over minutes here: measure it again just before each run,
                     # after a pause for the previous run's exit (freeing its memory) to settle
                     time.sleep(1.0)
-                    disks.append(measure_disk(path, seconds=args.disk_seconds, chunk=streamed_read_bytes(mf)))
+                    # over as many bytes as the row streams per token (a smaller region may be served
+                    # faster by caches below the disk, which the row's reads would not enjoy)
+                    streamed_bytes = max(64 * MiB, mf.weight_bytes - int(pct / 100 * mf.weight_bytes))
+                    disks.append(measure_disk(path, seconds=args.disk_seconds, chunk=streamed_read_bytes(mf),
+                                              region=streamed_bytes))
+                    profile.disk_bytes_per_s = disks[-1]
+                    profile.save(profile_file)
                     out = subprocess.run([sys.executable, __file__, "--row", str(path), f"{kind}:{pct / 100}",
                                           "--tokens", str(args.tokens), "--threads", str(args.threads),
-                                          "--warmup", str(args.warmup)], capture_output=True, text=True)
+                                          "--warmup", str(args.warmup), "--profile", str(profile_file)],
+                                         capture_output=True, text=True)
                     if out.returncode:
                         break
                     runs.append(json.loads(out.stdout))
@@ -163,16 +190,21 @@ def main() -> None:
                     continue
                 # medians over the repeats, except peak RSS: the worst run
                 r = {k: statistics.median(run[k] for run in runs) for k in ("tok_s", "bytes_per_token", "stall_share",
-                                                                            "disk_bytes_per_s")}
-                r.update({k: runs[0][k] for k in ("budget", "weight_bytes", "kv_bytes", "largest_unit")})
+                                                                            "disk_bytes_per_s", "fresh_bytes_per_token")}
+                r.update({k: runs[0][k] for k in ("budget", "weight_bytes", "kv_bytes", "largest_unit",
+                                                  "threads_while_reading")})
                 r["peak_rss"] = max(run["peak_rss"] for run in runs)
                 profile.disk_bytes_per_s = statistics.median(disks)
                 B, M = r["budget"], r["weight_bytes"]
                 policy, replacement = policy_for(kind, B)
                 plan = plan_offload(mf, policy, profile, replacement=replacement)
                 # the same plan at the rate the row's reads achieved: what is left is the planner's own error
-                at_row = plan_offload(mf, policy, dataclasses.replace(profile, disk_bytes_per_s=r["disk_bytes_per_s"]),
-                                      replacement=replacement)
+                # (both read rates scaled alike: the one the plan's choice reads at becomes the row's)
+                mode_rate = profile.disk_bytes_per_s if plan.threads_while_reading else profile.read_rate_beside_compute()
+                scale = r["disk_bytes_per_s"] / mode_rate
+                at_row = plan_offload(mf, policy, dataclasses.replace(
+                    profile, disk_bytes_per_s=profile.disk_bytes_per_s * scale,
+                    disk_bytes_per_s_beside_compute=profile.read_rate_beside_compute() * scale), replacement=replacement)
                 floor_s = max(plan.compute_seconds_per_token, (M - B) / profile.disk_bytes_per_s)
                 ratio = r["tok_s"] * floor_s
                 # the same ratio with the rate the row's own reads achieved as the disk's (kinder where
@@ -188,7 +220,8 @@ def main() -> None:
                       f"{r['stall_share']:5.2f} | {r['peak_rss'] / MiB:8.0f} {rss_limit / MiB:8.0f} {'yes' if rss_ok else 'NO':>3s} | "
                       f"{plan.predicted_tokens_per_s:7.2f} {err:+5.0%} | "
                       f"{r['disk_bytes_per_s'] / 1e9:5.2f} {ratio_at_reads:5.2f} {at_row.predicted_tokens_per_s:7.2f} "
-                      f"{err_at_row:+5.0%}", flush=True)
+                      f"{err_at_row:+5.0%} | {r['threads_while_reading']:3d} {r['fresh_bytes_per_token'] / 1e6:8.0f}",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -143,3 +143,27 @@ def test_stop_string_ends_generation_without_emitting_it():
     gen = eng.generate([1], 40, sampler=GREEDY, stop=["Lily"], on_token=lambda t, s: pieces.append(s))
     assert gen.finish_reason == "stop" and "Lily" not in gen.text
     assert gen.text.endswith("named ") and "".join(pieces) == gen.text
+
+
+def test_leaving_a_core_to_reads_keeps_the_tokens():
+    from pagellm import kernels
+    from pagellm.offload.planner import MachineProfile
+
+    name = "synth-llama-Q8_0"
+    meta = fixture_meta(name)
+    reference = engine_for(name).generate(meta["prompt_tokens"], 16, sampler=GREEDY)
+    mf = ModelFile.open(fixture_path(name))
+    # a machine where reads beside compute on every thread run at a third of their rate
+    coupled = MachineProfile(disk_bytes_per_s=1e9, disk_bytes_per_s_beside_compute=3e8, threads=2,
+                             compute_bytes_per_s={"Q8_0": 8e9, "F32": 8e9},
+                             compute_bytes_per_s_one_fewer={"Q8_0": 4.5e9, "F32": 4.5e9})
+    cfg = EngineConfig(fixture_path(name), context_size=64, n_threads=2, offload_policy=Budget(int(0.4 * mf.weight_bytes)),
+                       machine_profile=coupled)
+    eng = InferenceEngine(cfg).load_model()
+    try:
+        assert eng.plan.threads_while_reading == 1 and eng.model.threads_while_reading == 1
+        gen = eng.generate(meta["prompt_tokens"], 16, sampler=GREEDY)
+        assert gen.token_ids == reference.token_ids
+        assert gen.stats.bytes_read > 0 and kernels.get_num_threads() == 2  # restored after each mat-vec
+    finally:
+        eng.close()

@@ -250,3 +250,13 @@ print(before, released, after, float(np.abs(got - want).max()))
     # pages this process alone maps go back (those the test runner maps too are shared and stay)
     assert int(after) < int(before) and int(released) > 0
     assert float(err) < 1e-3  # the loaded kernels run without the compiler's pages
+
+
+def test_threads_limited_sets_and_restores_the_callers_threads():
+    before = kernels.get_num_threads()
+    with kernels.threads_limited(None):
+        assert kernels.get_num_threads() == before
+    if before > 1:
+        with kernels.threads_limited(1):
+            assert kernels.get_num_threads() == 1
+    assert kernels.get_num_threads() == before

@@ -136,8 +136,12 @@ def test_embedding_rows_are_read_directly_when_not_resident():
 class SlowSource(FileSource):
     """A source whose reads take a while, so concurrent acquires really overlap."""
 
+    def __init__(self, path, delay=0.05):
+        super().__init__(path)
+        self.delay = delay
+
     def read_into(self, offset, nbytes, buffer, at=0):
-        time.sleep(0.05)
+        time.sleep(self.delay)
         return super().read_into(offset, nbytes, buffer, at)
 
 
@@ -306,3 +310,42 @@ def test_random_concurrent_use_keeps_every_invariant(budget_fraction, pin, last,
     assert s.bytes_read == sum(sizes[u] * n for u, n in s.reads_by_unit.items())
     assert sum(s.reads_by_unit.values()) == s.misses + s.prefetches_completed + len(pinned)
     assert s.bytes_read == s.bytes_by_kind["miss"] + s.bytes_by_kind["prefetch"] + s.bytes_by_kind["pin"]
+
+
+def test_reader_reads_ahead_along_the_sweep_once_per_unit():
+    mf = ModelFile.open(SYNTH)
+    policy = Budget(int(0.4 * mf.weight_bytes))
+    with LayerPager.build(mf, policy, source=SlowSource(mf.path)) as pager:
+        streamed = [u for u in pager.sweep_order if u in pager.placement.streamed]
+        first = streamed[0]
+        pager.prefetch([first])  # one request; the reader then walks the sweep by itself
+        deadline = time.time() + 5
+        while pager.stats.prefetches_completed < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        assert pager.stats.prefetches_completed >= 2 and pager.is_resident(streamed[1])
+        for _ in range(3):  # sweeps with no prefetch calls: read-ahead alone serves them
+            for name in pager.sweep_order:
+                with pager.hold(name):
+                    time.sleep(0.002)
+        deadline = time.time() + 5
+        while any(pager._entries[u].state == 1 for u in pager.units) and time.time() < deadline:
+            time.sleep(0.01)  # let a read-ahead in flight land
+        s = pager.stats
+        assert max(s.reads_by_unit[u] for u in streamed) <= 4  # never read twice in one sweep
+        assert s.prefetches_used > s.misses
+        assert not any(s.reads_by_unit[u] for u in pager.placement.resident if s.reads_by_unit[u] > 1)
+        # every load went into pages mapped anew or into a victim's: the two counts add up to the loads
+        capacity = {u: pager.unit(u).capacity for u in pager.units}
+        assert s.fresh_buffer_bytes + s.reused_buffer_bytes == sum(capacity[u] * n for u, n in s.reads_by_unit.items())
+        assert s.reused_buffer_bytes > 0
+
+
+def test_reading_flag_is_set_while_the_reader_reads():
+    mf = ModelFile.open(SYNTH)
+    with LayerPager.build(mf, Budget(int(0.4 * mf.weight_bytes)), source=SlowSource(mf.path, delay=0.2)) as pager:
+        assert not pager.reading
+        pager.prefetch([pager.placement.streamed[0]])
+        deadline = time.time() + 2
+        while not pager.reading and time.time() < deadline:
+            time.sleep(0.005)
+        assert pager.reading

@@ -54,3 +54,21 @@ def test_file_truncated_after_open_is_a_clear_error(tmp_path):
 def test_unknown_mode():
     with pytest.raises(ValueError, match="io mode"):
         FileSource(PATH, "fast")
+
+
+def test_remap_buffer_keeps_the_pages_and_refuses_while_a_view_lives():
+    from pagellm.offload.source import buffer_mapping, remap_buffer
+
+    buf = allocate_buffer(8 << 20)
+    buf[:] = 7
+    view = buf[100:200]
+    mapping = buffer_mapping(buf)
+    assert remap_buffer(mapping, 4 << 20) is None  # arrays over it are alive: it must not move
+    del buf, view
+    small = remap_buffer(mapping, 4 << 20)
+    assert small.nbytes == 4 << 20 and (small == 7).all()  # shrunk in place, contents kept
+    mapping = buffer_mapping(small)
+    del small
+    large = remap_buffer(mapping, 12 << 20)
+    assert large.nbytes == 12 << 20 and (large[: 4 << 20] == 7).all() and not large[4 << 20 :].any()
+    assert buffer_mapping(np.zeros(4)) is None

@@ -77,6 +77,9 @@ class EngineConfig:
     offload_policy: AnyPolicy = field(default_factory=NoOffload)
     io_mode: str = "auto"  # how the pager reads: auto, direct, buffered, mmap
     replacement: str = "auto"  # the pager's replacement: auto (sweep-aware) or lru
+    # the machine's figures the plan uses (disk, compute, how reads and compute share the cores);
+    # default: the cached calibration (pagellm plan --measure), else rough defaults
+    machine_profile: MachineProfile | None = field(default=None, compare=False, repr=False)
     # --ram auto: size the budget from the RAM available at load (when the policy is NoOffload) and keep
     # following it: a PressureMonitor shrinks the budget under memory pressure and grows it back.
     ram_auto: bool = False
@@ -213,12 +216,15 @@ class InferenceEngine:
         release_compiler_pages()
         self.weights = LayerPager.build(mf, policy, replacement=cfg.replacement, io_mode=cfg.io_mode)
         # What the planner expects of this placement on this machine (cached calibration or defaults).
-        self.plan = plan_offload(mf, policy, MachineProfile.load_or_default(), self.weights.source.alignment,
-                                 replacement=cfg.replacement)
+        self.plan = plan_offload(mf, policy, cfg.machine_profile or MachineProfile.load_or_default(),
+                                 self.weights.source.alignment, replacement=cfg.replacement)
         if probe is not None:
             self.pressure = PressureMonitor(self.weights, probe, policy.ram_budget_bytes(), cfg.pressure).start()
         self.model_file, self.args, self.n_ctx = mf, args, n_ctx
         self.model = LlamaModel(args, mf, self.weights)
+        if self.plan.threads_while_reading and not isinstance(self.weights, ResidentStore):
+            # the plan found reads slow beside compute on every thread: leave them a core
+            self.model.threads_while_reading = max(1, kernels.get_num_threads() - 1)
         self.cache = self.model.new_cache(n_ctx)
         return self
 

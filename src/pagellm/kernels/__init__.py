@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numba
 import numpy as np
@@ -41,7 +42,9 @@ __all__ = [
     "matmul",
     "matvec",
     "row_bytes",
+    "get_num_threads",
     "set_num_threads",
+    "threads_limited",
 ]
 
 _MODULES = (floats, legacy, kquants)
@@ -225,6 +228,25 @@ def _scratch_buffer(n_floats: int) -> np.ndarray:
         buffer = np.empty(n_floats, dtype=np.float32)
         _scratch.buffer = buffer
     return buffer[:n_floats]
+
+
+@contextmanager
+def threads_limited(n: int | None) -> Iterator[None]:
+    """Run numba kernels launched from this thread on at most ``n`` threads inside the block (None: no limit)."""
+    before = numba.get_num_threads()
+    if n is None or n >= before:
+        yield
+        return
+    numba.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+
+
+def get_num_threads() -> int:
+    """The number of threads numba kernels launched from the calling thread use."""
+    return numba.get_num_threads()
 
 
 def set_num_threads(n: int) -> None:

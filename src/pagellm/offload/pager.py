@@ -27,7 +27,7 @@ from gguf import GGML_QUANT_SIZES
 from pagellm.modelfile import GLOBALS, OUTPUT_HEAD, TOKEN_EMBEDDING, ModelFile
 from pagellm.offload.planner import Placement, place
 from pagellm.offload.policy import AnyPolicy, PinnedHotSet, format_size
-from pagellm.offload.source import PAGE, FileSource, allocate_buffer
+from pagellm.offload.source import PAGE, FileSource, allocate_buffer, buffer_mapping, remap_buffer
 
 ABSENT, LOADING, RESIDENT = 0, 1, 2
 REPLACEMENTS = ("auto", "lru")
@@ -216,6 +216,10 @@ class PagerStats:
     peak_resident_bytes: int = 0
     row_reads: int = 0  # single rows read straight from the file (token embeddings)
     row_bytes_read: int = 0
+    # loads into newly mapped pages (the kernel faults and zeroes them: here a read into fresh
+    # pages ran at 1.9 GB/s against 2.8 into reused ones) and into a victim's buffer
+    fresh_buffer_bytes: int = 0
+    reused_buffer_bytes: int = 0
     reads_by_unit: collections.Counter = field(default_factory=collections.Counter)
     bytes_by_kind: collections.Counter = field(default_factory=collections.Counter)  # miss/prefetch/pin
 
@@ -239,7 +243,7 @@ class PagerStats:
 
 
 class _Entry:
-    __slots__ = ("unit", "state", "refs", "holders", "pinned", "buffer", "views", "prefetched", "last_use")
+    __slots__ = ("unit", "state", "refs", "holders", "pinned", "buffer", "views", "prefetched", "last_use", "waiters")
 
     def __init__(self, unit: Unit, pinned: bool):
         self.unit = unit
@@ -251,6 +255,7 @@ class _Entry:
         self.views: dict[str, np.ndarray] = {}
         self.prefetched = False
         self.last_use = 0
+        self.waiters = 0  # threads waiting in acquire for its read to finish: not a victim meanwhile
 
 
 class LayerPager:
@@ -290,6 +295,7 @@ class LayerPager:
         self._queued: set[str] = set()
         self._closed = False
         self._reader: threading.Thread | None = None
+        self._reader_busy = False  # the background reader has a read in hand (set under the lock)
         self._check_budget_fits()
         self.placement = self._place()
         self._load_pinned()
@@ -372,6 +378,11 @@ class LayerPager:
     def resident_bytes(self) -> int:
         """Buffer bytes held now: resident and in flight."""
         return self._held_bytes
+
+    @property
+    def reading(self) -> bool:
+        """Whether the background reader is reading or has reads queued (read without the lock: a hint)."""
+        return self._reader_busy
 
     @property
     def io_mode(self) -> str:
@@ -462,7 +473,11 @@ class LayerPager:
                     return entry.views
                 if entry.state == LOADING:
                     waited = True
-                    self._cond.wait()
+                    entry.waiters += 1
+                    try:
+                        self._cond.wait()
+                    finally:
+                        entry.waiters -= 1
                     continue
                 buffer = self._reserve(entry, for_prefetch=False)
                 if buffer is not None:
@@ -537,7 +552,8 @@ class LayerPager:
         Units the placement keeps resident go last (only random access, never the sweep, reaches
         them), and a prefetch never takes them, nor a unit the sweep needs before the one it brings.
         """
-        idle = [e for e in self._entries.values() if e.state == RESIDENT and not e.refs and not e.pinned]
+        idle = [e for e in self._entries.values()
+                if e.state == RESIDENT and not e.refs and not e.pinned and not e.waiters]
         keep = set(self.placement.resident)
         if prefetching is not None:
             limit = self._distance(prefetching.unit.name)
@@ -551,6 +567,7 @@ class LayerPager:
         need = entry.unit.capacity
         if self._budget is None or self._held_bytes + need <= self._budget:
             self._account(need)
+            self.stats.fresh_buffer_bytes += need
             return allocate_buffer(need)
         chosen, freed = [], 0
         for victim in self._victims(entry if for_prefetch else None):
@@ -560,13 +577,28 @@ class LayerPager:
             freed += victim.unit.capacity
         if self._held_bytes - freed + need > self._budget:
             return None
-        reuse = None
+        # Read into pages the process already holds where it can: a same-sized victim's buffer as it
+        # is, else the largest victim's remapped to size (only the difference is new pages).
+        same = next((v for v in chosen if v.buffer is not None and v.buffer.nbytes == need), None)
+        others = sorted((v for v in chosen if v.buffer is not None and v is not same), key=lambda v: -v.buffer.nbytes)
+        reuse = same.buffer if same is not None else None
+        spare = buffer_mapping(others[0].buffer) if same is None and others else None
+        spare_bytes = others[0].buffer.nbytes if spare is not None else 0
+        del others
         for victim in chosen:
-            if reuse is None and victim.buffer is not None and victim.buffer.nbytes == need:
-                reuse = victim.buffer  # same-sized blocks: no new pages to fault in
-            self._evict(victim)
+            self._evict(victim)  # drops the pager's arrays over the victims' pages
         self._account(need)
-        return reuse if reuse is not None else allocate_buffer(need)
+        if reuse is not None:
+            self.stats.reused_buffer_bytes += need
+            return reuse
+        if spare is not None:
+            remapped = remap_buffer(spare, need)
+            if remapped is not None:
+                self.stats.reused_buffer_bytes += min(need, spare_bytes)
+                self.stats.fresh_buffer_bytes += max(0, need - spare_bytes)
+                return remapped
+        self.stats.fresh_buffer_bytes += need
+        return allocate_buffer(need)
 
     def _evict(self, entry: _Entry) -> None:
         entry.state = ABSENT
@@ -668,27 +700,71 @@ class LayerPager:
         self.prefetch(wanted)
 
     def _reader_loop(self) -> None:
+        """Serve queued prefetches; between them, read ahead along the sweep as room frees.
+
+        After each prefetch the reader takes the next unit of the sweep that is not in RAM as its
+        read-ahead and starts it the moment the window has room for it (when the unit before it
+        is released), instead of waiting for the forward pass to reach that unit and ask. On a
+        sweep that streams, the disk then never idles between the unit in use and the next.
+        A queued request always goes first; the read-ahead is dropped once the sweep reaches it.
+        """
+        ahead: str | None = None
         while True:
             with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
+                entry = None
+                while entry is None and not self._closed:
+                    if self._queue:
+                        name = self._queue.popleft()
+                        self._queued.discard(name)
+                        ahead = None
+                        entry = self._entries[name]
+                        if entry.state != ABSENT:
+                            entry = None
+                            continue
+                        buffer = self._reserve(entry, for_prefetch=True)
+                        if buffer is None:
+                            self.stats.prefetches_skipped += 1
+                            entry = None
+                    elif ahead is not None and self._entries[ahead].state == ABSENT and self._ahead_of_sweep(ahead):
+                        entry = self._entries[ahead]
+                        buffer = self._reserve(entry, for_prefetch=True)
+                        if buffer is None:  # no room until a unit in use is released
+                            entry = None
+                            self._cond.wait()
+                    else:
+                        ahead = None
+                        self._cond.wait()
                 if self._closed:
                     return
-                name = self._queue.popleft()
-                self._queued.discard(name)
-                entry = self._entries[name]
-                if entry.state != ABSENT:
-                    continue
-                buffer = self._reserve(entry, for_prefetch=True)
-                if buffer is None:
-                    self.stats.prefetches_skipped += 1
-                    continue
                 entry.state = LOADING
                 self.stats.prefetches_issued += 1
+                self._reader_busy = True
             try:
                 self._finish_load(entry, buffer, kind="prefetch")
             except Exception:  # the acquire that needs it reads again and reports the error
                 pass
+            finally:
+                self._reader_busy = False
+            with self._cond:
+                ahead = self._next_absent_after(entry.unit.name)
+
+    def _next_absent_after(self, name: str) -> str | None:
+        """The first unit after ``name`` in the sweep that is not resident (None outside the sweep)."""
+        idx = self._order_index.get(name)
+        if idx is None or self.prefetch_n_ahead <= 0:
+            return None
+        order = self.sweep_order
+        for k in range(1, len(order)):
+            candidate = order[(idx + k) % len(order)]
+            if self._entries[candidate].state == ABSENT:
+                return candidate
+            if self._entries[candidate].state == LOADING:
+                return None  # someone is reading it: the sweep is there already
+        return None
+
+    def _ahead_of_sweep(self, name: str) -> bool:
+        """Whether the sweep has yet to reach ``name`` within this pass (so reading it ahead is of use)."""
+        return name in self._order_index and self._distance(name) < len(self._order_index) - 1
 
     # -- rows read directly --------------------------------------------------------------
 

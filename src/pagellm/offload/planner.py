@@ -153,15 +153,26 @@ class MachineProfile:
     disk_bytes_per_s: float = 1.0e9
     compute_bytes_per_s: dict[str, float] = field(default_factory=dict)
     layer_overhead_s: float = 2.0e-4  # norms, rope, attention at short context, per block
+    # Where reads take CPU that compute would use (a virtual disk the host serves from the same
+    # cores), reads beside compute on every thread run slower than alone, and leaving one core to
+    # the reader can win: the read rate beside all-thread compute (0: unmeasured, as fast as alone)
+    # and the compute rate per type on one thread fewer.
+    disk_bytes_per_s_beside_compute: float = 0.0
+    compute_bytes_per_s_one_fewer: dict[str, float] = field(default_factory=dict)
     threads: int = 0
     measured: bool = False
     source: str = "defaults"
 
     DEFAULT_COMPUTE = 4.0e9
 
-    def compute_rate(self, ggml_type: str) -> float:
-        """Weight bytes per second a mat-vec of this type runs at."""
-        return self.compute_bytes_per_s.get(ggml_type, self.DEFAULT_COMPUTE)
+    def compute_rate(self, ggml_type: str, one_fewer: bool = False) -> float:
+        """Weight bytes per second a mat-vec of this type runs at (on one thread fewer: ``one_fewer``)."""
+        rate = self.compute_bytes_per_s.get(ggml_type, self.DEFAULT_COMPUTE)
+        return self.compute_bytes_per_s_one_fewer.get(ggml_type, rate) if one_fewer else rate
+
+    def read_rate_beside_compute(self) -> float:
+        """Bytes/s of reads while compute runs on every thread."""
+        return self.disk_bytes_per_s_beside_compute or self.disk_bytes_per_s
 
     @staticmethod
     def cache_path() -> Path:
@@ -241,6 +252,40 @@ def streamed_read_bytes(mf: ModelFile) -> list[int]:
     return [min(256 * MiB, u.nbytes) for u in plan_units(mf, 4096)[block]]
 
 
+def measure_disk_beside_compute(path: str | os.PathLike[str], ggml_type: str, threads: int, seconds: float = 2.0,
+                                chunk: int | Sequence[int] = 64 * MiB) -> float:
+    """measure_disk while mat-vecs of ``ggml_type`` run on ``threads`` threads in the background."""
+    import threading
+
+    from pagellm import kernels
+    from pagellm.synth import random_weights
+
+    stop = threading.Event()
+    started = threading.Event()
+
+    def compute() -> None:
+        kernels.set_num_threads(threads)
+        rows, cols = 2048, 5632
+        w = random_weights(ggml_type, rows, cols, seed=1)
+        copies = [w] + [w.copy() for _ in range(max(1, (96 * MiB) // w.nbytes))]
+        x = np.random.default_rng(0).standard_normal(cols).astype(np.float32)
+        qtype = GGMLQuantizationType[ggml_type]
+        n = 0
+        while not stop.is_set():
+            kernels.matvec(copies[n % len(copies)], qtype, cols, x)
+            n += 1
+            started.set()
+
+    worker = threading.Thread(target=compute, name="pagellm-calibrate", daemon=True)
+    worker.start()
+    started.wait(timeout=60)
+    try:
+        return measure_disk(path, seconds=seconds, chunk=chunk)
+    finally:
+        stop.set()
+        worker.join()
+
+
 def measure_compute(ggml_types: Sequence[str], threads: int | None = None, seconds_each: float = 0.4) -> dict[str, float]:
     """Weight bytes/s of the fused mat-vec per type, on a 2048 x 5632 weight."""
     from pagellm import kernels
@@ -310,12 +355,27 @@ def calibrate(
     if progress:
         progress("compute")
     rates = measure_compute(types, threads, seconds_each=max(0.1, seconds * 0.5 / max(1, len(types))))
+    n_threads = threads or os.cpu_count() or 1
+    fewer: dict[str, float] = {}
+    beside = 0.0
+    if n_threads > 1:
+        if progress:
+            progress("reads beside compute")
+        main_type = max(types, key=lambda t: sum(i.nbytes for i in mf.tensors.values() if i.ggml_type.name == t))
+        beside = measure_disk_beside_compute(mf.path, main_type, n_threads, seconds=max(1.0, seconds * 0.4),
+                                             chunk=streamed_read_bytes(mf))
+        fewer = measure_compute(types, n_threads - 1, seconds_each=max(0.1, seconds * 0.3 / max(1, len(types))))
+        from pagellm import kernels
+
+        kernels.set_num_threads(n_threads)
     overhead = measure_layer_overhead(mf)
     profile = MachineProfile.load_or_default()
     profile.disk_bytes_per_s = disk
+    profile.disk_bytes_per_s_beside_compute = beside
     profile.compute_bytes_per_s.update(rates)
+    profile.compute_bytes_per_s_one_fewer.update(fewer)
     profile.layer_overhead_s = overhead
-    profile.threads = threads or os.cpu_count() or 1
+    profile.threads = n_threads
     profile.measured = True
     profile.source = f"calibrated {time.strftime('%Y-%m-%d %H:%M')}"
     if save:
@@ -340,6 +400,7 @@ class Plan:
     predicted_seconds_per_token: float
     floor_seconds_per_token: float
     profile: MachineProfile
+    threads_while_reading: int | None = None  # compute threads while the reader is busy (None: all)
 
     @property
     def pinned(self) -> tuple[str, ...]:
@@ -389,6 +450,10 @@ class Plan:
             f"disk {prof.disk_bytes_per_s / 1e9:.2f} GB/s ({prof.source})",
             f"compute {self.compute_seconds_per_token * 1e3:.1f} ms/token, reads {self.read_seconds_per_token * 1e3:.1f} ms/token, "
             f"stall {self.predicted_stall_seconds_per_token * 1e3:.1f} ms/token",
+            "compute threads while reading: "
+            + (f"{self.threads_while_reading} (one core left to the reads: "
+               f"{prof.read_rate_beside_compute() / 1e9:.2f} GB/s beside compute on every thread)"
+               if self.threads_while_reading else "all"),
             f"predicted {self.predicted_tokens_per_s:.2f} tokens/s; floor {1 / self.floor_seconds_per_token:.2f} tokens/s "
             f"(ratio {self.ratio_to_floor:.2f})",
         ]
@@ -428,49 +493,57 @@ def simulate_step(
     compute_s: Mapping[str, float],
     window_slots: int,
     prefetch_n_ahead: int,
+    compute_reading_s: Mapping[str, float] | None = None,
 ) -> tuple[float, float]:
     """One decode step as two timelines, reader and compute. Returns (seconds, stall seconds).
 
-    As the engine does: acquiring a unit waits for it, then asks for the next ``prefetch_n_ahead``
-    streamed units; the reader reads them one after another, each into a window slot that frees
-    when the unit ``window_slots`` streamed units earlier has been computed. With no prefetch a
-    streamed unit is read when compute reaches it. Two steps are simulated and the second timed,
-    so the first reads overlap the previous step's tail, as in steady decoding.
+    As the pager does: with read-ahead (``prefetch_n_ahead`` > 0) the reader reads the streamed
+    units one after another, each as soon as its window slot is free, that is once the unit
+    ``window_slots`` streamed units earlier has been computed; acquiring a unit waits for its read.
+    With no read-ahead a streamed unit is read when compute reaches it. While the reader is busy a
+    unit computes in ``compute_reading_s`` (fewer threads, a core left to the reads) instead of
+    ``compute_s``. Three steps are simulated and the middle one timed, so its first reads overlap
+    the previous step's tail and its last units compute beside the next step's reads, as in
+    steady decoding.
     """
-    seq = list(order) * 2
+    compute_reading_s = compute_reading_s or compute_s
+    seq = list(order) * 3
     positions = [i for i, u in enumerate(seq) if u in streamed]
     rank = {pos: m for m, pos in enumerate(positions)}  # position -> index among streamed
-    n, slots = prefetch_n_ahead, max(1, window_slots)
+    slots = max(1, window_slots)
     end = [0.0] * len(seq)
     ready: dict[int, float] = {}
     reader_free = 0.0
-    requested = 0  # streamed units handed to the reader so far
+    issued = 0  # streamed units handed to the reader so far
 
-    def issue(upto: int, at: float) -> None:
-        nonlocal reader_free, requested
-        while requested <= min(upto, len(positions) - 1):
-            m = requested
-            earlier = positions[m - slots] if m >= slots else None
-            slot_free = end[earlier] if earlier is not None else 0.0
-            start = max(reader_free, at, slot_free)
-            reader_free = ready[positions[m]] = start + read_s[seq[positions[m]]]
-            requested += 1
+    def read(m: int, not_before: float) -> None:
+        nonlocal reader_free, issued
+        earlier = positions[m - slots] if m >= slots else None
+        slot_free = end[earlier] if earlier is not None else 0.0
+        start = max(reader_free, not_before, slot_free)
+        reader_free = ready[positions[m]] = start + read_s[seq[positions[m]]]
+        issued += 1
 
     clock = stall = step_start = 0.0
-    streamed_seen = 0
     for i, u in enumerate(seq):
         if i == len(order):
             step_start, stall = clock, 0.0
+        if i == 2 * len(order):
+            return clock - step_start, stall
+        if prefetch_n_ahead > 0:  # read ahead every unit whose slot the units computed so far freed
+            while issued < len(positions) and (issued < slots or positions[issued - slots] < i):
+                read(issued, 0.0)
         start = clock
         if u in streamed:
-            issue(rank[i], clock)  # a read not yet asked for is asked for now (a miss)
+            if rank[i] >= issued:  # not read ahead: read now, compute waits
+                read(rank[i], clock)
             start = max(clock, ready[i])
             stall += start - clock
-            streamed_seen = rank[i] + 1
-        if n > 0:
-            issue(streamed_seen + n - 1, start)  # prefetch_after(u): the next n streamed units
-        clock = end[i] = start + compute_s[u]
-    return clock - step_start, stall
+        busy = max(0.0, reader_free - start)  # the reader works through the first part of this unit
+        full, reading = compute_s[u], compute_reading_s[u]
+        duration = reading if busy >= reading else busy + (1.0 - busy / reading) * full if reading > 0 else full
+        clock = end[i] = start + duration
+    raise AssertionError("unreachable: the loop returns after the second step")
 
 
 def plan_offload(
@@ -499,24 +572,35 @@ def plan_offload(
     parts = collections.Counter(u.group for u in units)
     group = {u.name: u.group for u in units}
     # the per-block overhead (norms, rope, attention) is shared among the block's units
-    compute_s = {u: payload[u] / profile.compute_rate(types[u])
-                 + (profile.layer_overhead_s / parts[group[u]] if u.startswith("blk.") else 0.0)
-                 for u in order}
-    read_s = {u: payload[u] / profile.disk_bytes_per_s for u in order}
+    def compute_seconds(one_fewer: bool) -> dict[str, float]:
+        return {u: payload[u] / profile.compute_rate(types[u], one_fewer)
+                + (profile.layer_overhead_s / parts[group[u]] if u.startswith("blk.") else 0.0) for u in order}
+
+    compute_s = compute_seconds(False)
     streamed = set(placement.streamed)
     embd = mf.tensors["token_embd.weight"]
     row_bytes = embd.nbytes // embd.shape[1] if len(embd.shape) > 1 else embd.nbytes
     bytes_per_token = sum(payload[u] for u in streamed) + (row_bytes if placement.row_read else 0)
     compute = sum(compute_s.values())
-    reads = bytes_per_token / profile.disk_bytes_per_s
     slots = placement.window_units
+    threads = profile.threads or os.cpu_count() or 1
+    # Two ways to run beside the reader: compute on every thread (reads at their rate beside it), or
+    # on one thread fewer while a read is in flight (reads at the disk's own rate); the faster wins.
+    options: list[tuple[float, float, float, int | None]] = []
+    for fewer in (False, True) if streamed and threads > 1 and profile.compute_bytes_per_s_one_fewer else (False,):
+        disk = profile.disk_bytes_per_s if fewer else profile.read_rate_beside_compute()
+        read_s = {u: payload[u] / disk for u in order}
+        seconds, stall = simulate_step(order, streamed, read_s, compute_s, slots, min(prefetch, slots - 1),
+                                       compute_seconds(True) if fewer else None)
+        options.append((seconds, stall, bytes_per_token / disk, threads - 1 if fewer else None))
     if streamed:
-        seconds, stall = simulate_step(order, streamed, read_s, compute_s, slots, min(prefetch, slots - 1))
+        seconds, stall, reads, threads_while_reading = min(options, key=lambda o: o[0])
     else:
-        seconds, stall = compute, 0.0
+        seconds, stall, reads, threads_while_reading = compute, 0.0, bytes_per_token / profile.disk_bytes_per_s, None
     floor_bytes = max(0, mf.weight_bytes - budget) if budget is not None else 0
     floor = max(compute, floor_bytes / profile.disk_bytes_per_s)
-    return Plan(placement, mf.weight_bytes, payload, bytes_per_token, compute, reads, stall, max(seconds, 1e-9), floor, profile)
+    return Plan(placement, mf.weight_bytes, payload, bytes_per_token, compute, reads, stall, max(seconds, 1e-9), floor, profile,
+                threads_while_reading)
 
 
 # -- automatic budget ----------------------------------------------------------------------------

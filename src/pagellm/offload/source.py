@@ -58,6 +58,34 @@ def allocate_buffer(nbytes: int) -> np.ndarray:
     return np.frombuffer(mapping, dtype=np.uint8)
 
 
+def buffer_mapping(buffer: np.ndarray) -> mmap.mmap | None:
+    """The anonymous mapping behind a buffer from allocate_buffer (None for any other array)."""
+    mapping = getattr(buffer.base, "obj", None)
+    return mapping if isinstance(mapping, mmap.mmap) else None
+
+
+def remap_buffer(mapping: mmap.mmap, nbytes: int) -> np.ndarray | None:
+    """The pages of an evicted buffer's ``mapping`` remapped to ``nbytes``, as a new buffer; or None.
+
+    Shrinking returns the tail to the OS and growing adds pages only for the difference (mremap),
+    so a unit read into a victim of another size faults in few new pages: the kernel zeroes every
+    new page, and reads into fresh pages ran at 1.9 GB/s here against 2.8 into pages already held.
+    None while any array over the mapping is alive (its memory must not move under it; the caller
+    must drop its own first) or where the platform cannot remap: the caller then allocates anew.
+    """
+    size = max(PAGE, -(-nbytes // PAGE) * PAGE)
+    try:
+        mapping.resize(size)
+    except (BufferError, OSError, SystemError, ValueError):
+        return None
+    if size >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            mapping.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
+    return np.frombuffer(mapping, dtype=np.uint8)
+
+
 @dataclass
 class SourceStats:
     """What the source did: reads issued, bytes that came from the file, seconds in reads."""
