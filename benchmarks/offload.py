@@ -91,7 +91,7 @@ def run_row(path: str, kind: str, fraction: float, tokens: int, threads: int, wa
         "largest_unit": max(eng.weights.unit(u).nbytes for u in eng.weights.units),
         "io_mode": eng.weights.io_mode,
         "fresh_bytes_per_token": (now.fresh_buffer_bytes - before.fresh_buffer_bytes) / tokens,
-        "threads_while_reading": eng.model.threads_while_reading or threads,
+        "compute_threads": eng.model.compute_threads or threads,
         # the bandwidth the row's own reads achieved (bytes from the file / seconds inside reads)
         "disk_bytes_per_s": (source.bytes_read - disk_bytes0) / max(source.read_seconds - disk_seconds0, 1e-9),
     }
@@ -150,7 +150,7 @@ def main() -> None:
     profile_file = Path(tempfile.mkdtemp(prefix="pagellm-bench-")) / "profile.json"
     print("disk: GB/s of the disk measured just before the row (5 s of O_DIRECT reads the size of the streamed units, "
           "cycling over as many bytes as the row streams per token); reads: GB/s the row's own reads achieved")
-    print("thr: compute threads while a read is in flight (the plan's choice); fresh MB: buffer bytes per token "
+    print("thr: compute threads (the plan's choice: all, or one fewer to leave the reader a core); fresh MB: buffer bytes per token "
           "the pager had to map anew (the kernel zeroes them) rather than reuse")
     print("floor = max(compute, (M - B) / disk); ratio = floor time / measured time; "
           "planned: the planner's tok/s from the calibration and that disk figure; "
@@ -192,7 +192,7 @@ def main() -> None:
                 r = {k: statistics.median(run[k] for run in runs) for k in ("tok_s", "bytes_per_token", "stall_share",
                                                                             "disk_bytes_per_s", "fresh_bytes_per_token")}
                 r.update({k: runs[0][k] for k in ("budget", "weight_bytes", "kv_bytes", "largest_unit",
-                                                  "threads_while_reading")})
+                                                  "compute_threads")})
                 r["peak_rss"] = max(run["peak_rss"] for run in runs)
                 profile.disk_bytes_per_s = statistics.median(disks)
                 B, M = r["budget"], r["weight_bytes"]
@@ -200,7 +200,7 @@ def main() -> None:
                 plan = plan_offload(mf, policy, profile, replacement=replacement)
                 # the same plan at the rate the row's reads achieved: what is left is the planner's own error
                 # (both read rates scaled alike: the one the plan's choice reads at becomes the row's)
-                mode_rate = profile.disk_bytes_per_s if plan.threads_while_reading else profile.read_rate_beside_compute()
+                mode_rate = profile.disk_bytes_per_s if plan.compute_threads else profile.read_rate_beside_compute()
                 scale = r["disk_bytes_per_s"] / mode_rate
                 at_row = plan_offload(mf, policy, dataclasses.replace(
                     profile, disk_bytes_per_s=profile.disk_bytes_per_s * scale,
@@ -220,7 +220,7 @@ def main() -> None:
                       f"{r['stall_share']:5.2f} | {r['peak_rss'] / MiB:8.0f} {rss_limit / MiB:8.0f} {'yes' if rss_ok else 'NO':>3s} | "
                       f"{plan.predicted_tokens_per_s:7.2f} {err:+5.0%} | "
                       f"{r['disk_bytes_per_s'] / 1e9:5.2f} {ratio_at_reads:5.2f} {at_row.predicted_tokens_per_s:7.2f} "
-                      f"{err_at_row:+5.0%} | {r['threads_while_reading']:3d} {r['fresh_bytes_per_token'] / 1e6:8.0f}",
+                      f"{err_at_row:+5.0%} | {r['compute_threads']:3d} {r['fresh_bytes_per_token'] / 1e6:8.0f}",
                       flush=True)
 
 

@@ -161,9 +161,9 @@ def test_leaving_a_core_to_reads_keeps_the_tokens():
                        machine_profile=coupled)
     eng = InferenceEngine(cfg).load_model()
     try:
-        assert eng.plan.threads_while_reading == 1 and eng.model.threads_while_reading == 1
+        assert eng.plan.compute_threads == 1 and eng.model.compute_threads == 1
         gen = eng.generate(meta["prompt_tokens"], 16, sampler=GREEDY)
         assert gen.token_ids == reference.token_ids
-        assert gen.stats.bytes_read > 0 and kernels.get_num_threads() == 2  # restored after each mat-vec
+        assert gen.stats.bytes_read > 0 and kernels.get_num_threads() == 2  # restored after each pass
     finally:
         eng.close()

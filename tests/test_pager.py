@@ -338,14 +338,3 @@ def test_reader_reads_ahead_along_the_sweep_once_per_unit():
         capacity = {u: pager.unit(u).capacity for u in pager.units}
         assert s.fresh_buffer_bytes + s.reused_buffer_bytes == sum(capacity[u] * n for u, n in s.reads_by_unit.items())
         assert s.reused_buffer_bytes > 0
-
-
-def test_reading_flag_is_set_while_the_reader_reads():
-    mf = ModelFile.open(SYNTH)
-    with LayerPager.build(mf, Budget(int(0.4 * mf.weight_bytes)), source=SlowSource(mf.path, delay=0.2)) as pager:
-        assert not pager.reading
-        pager.prefetch([pager.placement.streamed[0]])
-        deadline = time.time() + 2
-        while not pager.reading and time.time() < deadline:
-            time.sleep(0.005)
-        assert pager.reading

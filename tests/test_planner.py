@@ -141,23 +141,6 @@ def test_lru_plan_streams_every_unpinned_unit_as_the_lru_pager_does():
         assert pager.placement == lru.placement
 
 
-def test_simulation_with_fewer_threads_while_reading():
-    order = ["a", "b", "c", "d"]
-    compute = {u: 1.0 for u in order}
-    slower = {u: 2.0 for u in order}  # on one thread fewer
-    # all streamed, reads of 2 s: every unit computes, slowly, while the reader reads the next one
-    seconds, stall = simulate_step(order, set(order), {u: 2.0 for u in order}, compute, 2, 1, slower)
-    assert seconds == pytest.approx(8.0) and stall == pytest.approx(0.0)
-    # reads of 1 s: half a unit's work is done beside the read (1 s at half speed), the rest alone
-    seconds, _ = simulate_step(order, set(order), {u: 1.0 for u in order}, compute, 2, 1, slower)
-    assert 4 * 1.0 < seconds <= 4 * 1.5 + 1e-9
-    # nothing streamed: the reader is idle, compute runs on every thread
-    assert simulate_step(order, set(), {}, compute, 2, 1, slower) == (4.0, 0.0)
-    # reads on demand (no read-ahead) happen while compute waits: compute then runs on every thread
-    seconds, stall = simulate_step(order, {"b", "d"}, {"b": 0.5, "d": 0.5}, compute, 1, 0, slower)
-    assert seconds == pytest.approx(5.0) and stall == pytest.approx(1.0)
-
-
 def test_plan_leaves_a_core_to_reads_only_where_reads_suffer_beside_compute():
     mf = ModelFile.open(SYNTH)
     policy = Budget(int(0.4 * mf.weight_bytes))
@@ -166,12 +149,12 @@ def test_plan_leaves_a_core_to_reads_only_where_reads_suffer_beside_compute():
     coupled = plan_offload(mf, policy, MachineProfile(disk_bytes_per_s=2e9, disk_bytes_per_s_beside_compute=1.2e9, **rates))
     separate = plan_offload(mf, policy, MachineProfile(disk_bytes_per_s=2e9, disk_bytes_per_s_beside_compute=2e9, **rates))
     unmeasured = plan_offload(mf, policy, MachineProfile(disk_bytes_per_s=2e9, compute_bytes_per_s={"Q8_0": 8e9}))
-    assert coupled.threads_while_reading == 1 and separate.threads_while_reading is None
-    assert unmeasured.threads_while_reading is None
+    assert coupled.compute_threads == 1 and separate.compute_threads is None
+    assert unmeasured.compute_threads is None
     # the choice is the faster of the two, and the floor is the same for both
     assert coupled.predicted_tokens_per_s > plan_offload(
         mf, policy, MachineProfile(disk_bytes_per_s=1.2e9, **{**rates, "compute_bytes_per_s_one_fewer": {}})
     ).predicted_tokens_per_s
     assert coupled.floor_seconds_per_token == separate.floor_seconds_per_token
     assert any("one core left to the reads" in line for line in coupled.lines())
-    assert plan_offload(mf, NoOffload(), MachineProfile(disk_bytes_per_s_beside_compute=1e8, **rates)).threads_while_reading is None
+    assert plan_offload(mf, NoOffload(), MachineProfile(disk_bytes_per_s_beside_compute=1e8, **rates)).compute_threads is None

@@ -222,9 +222,9 @@ class InferenceEngine:
             self.pressure = PressureMonitor(self.weights, probe, policy.ram_budget_bytes(), cfg.pressure).start()
         self.model_file, self.args, self.n_ctx = mf, args, n_ctx
         self.model = LlamaModel(args, mf, self.weights)
-        if self.plan.threads_while_reading and not isinstance(self.weights, ResidentStore):
+        if self.plan.compute_threads and not isinstance(self.weights, ResidentStore):
             # the plan found reads slow beside compute on every thread: leave them a core
-            self.model.threads_while_reading = max(1, kernels.get_num_threads() - 1)
+            self.model.compute_threads = max(1, kernels.get_num_threads() - 1)
         self.cache = self.model.new_cache(n_ctx)
         return self
 

@@ -53,10 +53,12 @@ class LlamaModel:
         self.head_units = weights.units_of(TOKEN_EMBEDDING if args.tied_embeddings else OUTPUT_HEAD)
         # (attention unit, feed-forward unit) per layer; one unit twice where a block is not split
         self.block_units = [(u[0], u[-1]) for u in (weights.units_of(f"blk.{i}") for i in range(args.n_layer))]
-        # Compute threads while the pager's reader is busy (None: always all of them). Where reads cost
-        # CPU that compute would take (a virtual disk served by the host's CPUs: here reads ran at 1.6
-        # GB/s beside two busy compute threads and 2.6 beside one), leaving a core to the reads wins.
-        self.threads_while_reading: int | None = None
+        # Threads the mat-vecs run on (None: all). Where reads cost CPU that compute would take (a
+        # virtual disk served by the host's cores: here reads ran at 1.6 GB/s beside two busy compute
+        # threads and 2.5 beside one), the plan leaves a core to the reader. The limit holds for the
+        # whole pass: switching thread counts per mat-vec wakes and idles the pool's other workers,
+        # which spin meanwhile (decode measured 2.4 tokens/s so, 3.1 on one thread throughout).
+        self.compute_threads: int | None = None
         half = args.n_rot // 2
         self.inv_freq = args.rope_base ** (-np.arange(half, dtype=np.float64) * 2.0 / args.n_rot)
 
@@ -86,6 +88,12 @@ class LlamaModel:
                 raise ValueError(f"{cache.n_tokens + n} positions do not fit the context of {cache.n_ctx}")
             segments.append(Segment(cache, cache.n_tokens, row, row + n))
             row += n
+        with kernels.threads_limited(self.compute_threads):
+            return self._forward_segments(batch, segments, all_logits)
+
+    def _forward_segments(self, batch: Sequence[tuple[np.ndarray, KVCache]], segments: list["Segment"],
+                          all_logits: bool) -> list[np.ndarray]:
+        """forward_batch's body, once the segments are laid out."""
         x = self.embed(np.concatenate([np.asarray(ids) for ids, _ in batch]))
         with self.weights.hold(GLOBALS) as glob:
             factors = as_f32(glob["rope_freqs.weight"]) if "rope_freqs.weight" in glob else None
@@ -114,10 +122,7 @@ class LlamaModel:
     def linear(self, tensors: dict, name: str, x: np.ndarray) -> np.ndarray:
         """x [T, in] times the weight's transpose -> [T, out], straight from its raw blocks."""
         info = self.mf.tensors[name]
-        if self.threads_while_reading is None:
-            return kernels.matmul(tensors[name], info.ggml_type, info.shape[0], x)
-        with kernels.threads_limited(self.threads_while_reading if self.weights.reading else None):
-            return kernels.matmul(tensors[name], info.ggml_type, info.shape[0], x)
+        return kernels.matmul(tensors[name], info.ggml_type, info.shape[0], x)
 
     def block(self, layer: int, x: np.ndarray, segments: list["Segment"]) -> np.ndarray:
         """One transformer block over all rows: attention (per sequence) then feed-forward, each with a residual.

@@ -295,7 +295,6 @@ class LayerPager:
         self._queued: set[str] = set()
         self._closed = False
         self._reader: threading.Thread | None = None
-        self._reader_busy = False  # the background reader has a read in hand (set under the lock)
         self._check_budget_fits()
         self.placement = self._place()
         self._load_pinned()
@@ -378,11 +377,6 @@ class LayerPager:
     def resident_bytes(self) -> int:
         """Buffer bytes held now: resident and in flight."""
         return self._held_bytes
-
-    @property
-    def reading(self) -> bool:
-        """Whether the background reader is reading or has reads queued (read without the lock: a hint)."""
-        return self._reader_busy
 
     @property
     def io_mode(self) -> str:
@@ -738,13 +732,10 @@ class LayerPager:
                     return
                 entry.state = LOADING
                 self.stats.prefetches_issued += 1
-                self._reader_busy = True
             try:
                 self._finish_load(entry, buffer, kind="prefetch")
             except Exception:  # the acquire that needs it reads again and reports the error
                 pass
-            finally:
-                self._reader_busy = False
             with self._cond:
                 ahead = self._next_absent_after(entry.unit.name)
 

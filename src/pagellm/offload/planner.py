@@ -400,7 +400,7 @@ class Plan:
     predicted_seconds_per_token: float
     floor_seconds_per_token: float
     profile: MachineProfile
-    threads_while_reading: int | None = None  # compute threads while the reader is busy (None: all)
+    compute_threads: int | None = None  # threads the mat-vecs run on while layers stream (None: all)
 
     @property
     def pinned(self) -> tuple[str, ...]:
@@ -450,10 +450,10 @@ class Plan:
             f"disk {prof.disk_bytes_per_s / 1e9:.2f} GB/s ({prof.source})",
             f"compute {self.compute_seconds_per_token * 1e3:.1f} ms/token, reads {self.read_seconds_per_token * 1e3:.1f} ms/token, "
             f"stall {self.predicted_stall_seconds_per_token * 1e3:.1f} ms/token",
-            "compute threads while reading: "
-            + (f"{self.threads_while_reading} (one core left to the reads: "
+            "compute threads: "
+            + (f"{self.compute_threads} (one core left to the reads, which ran at "
                f"{prof.read_rate_beside_compute() / 1e9:.2f} GB/s beside compute on every thread)"
-               if self.threads_while_reading else "all"),
+               if self.compute_threads else "all"),
             f"predicted {self.predicted_tokens_per_s:.2f} tokens/s; floor {1 / self.floor_seconds_per_token:.2f} tokens/s "
             f"(ratio {self.ratio_to_floor:.2f})",
         ]
@@ -493,20 +493,16 @@ def simulate_step(
     compute_s: Mapping[str, float],
     window_slots: int,
     prefetch_n_ahead: int,
-    compute_reading_s: Mapping[str, float] | None = None,
 ) -> tuple[float, float]:
     """One decode step as two timelines, reader and compute. Returns (seconds, stall seconds).
 
     As the pager does: with read-ahead (``prefetch_n_ahead`` > 0) the reader reads the streamed
     units one after another, each as soon as its window slot is free, that is once the unit
     ``window_slots`` streamed units earlier has been computed; acquiring a unit waits for its read.
-    With no read-ahead a streamed unit is read when compute reaches it. While the reader is busy a
-    unit computes in ``compute_reading_s`` (fewer threads, a core left to the reads) instead of
-    ``compute_s``. Three steps are simulated and the middle one timed, so its first reads overlap
+    With no read-ahead a streamed unit is read when compute reaches it. Three steps are simulated and the middle one timed, so its first reads overlap
     the previous step's tail and its last units compute beside the next step's reads, as in
     steady decoding.
     """
-    compute_reading_s = compute_reading_s or compute_s
     seq = list(order) * 3
     positions = [i for i, u in enumerate(seq) if u in streamed]
     rank = {pos: m for m, pos in enumerate(positions)}  # position -> index among streamed
@@ -539,10 +535,7 @@ def simulate_step(
                 read(rank[i], clock)
             start = max(clock, ready[i])
             stall += start - clock
-        busy = max(0.0, reader_free - start)  # the reader works through the first part of this unit
-        full, reading = compute_s[u], compute_reading_s[u]
-        duration = reading if busy >= reading else busy + (1.0 - busy / reading) * full if reading > 0 else full
-        clock = end[i] = start + duration
+        clock = end[i] = start + compute_s[u]
     raise AssertionError("unreachable: the loop returns after the second step")
 
 
@@ -576,7 +569,7 @@ def plan_offload(
         return {u: payload[u] / profile.compute_rate(types[u], one_fewer)
                 + (profile.layer_overhead_s / parts[group[u]] if u.startswith("blk.") else 0.0) for u in order}
 
-    compute_s = compute_seconds(False)
+    compute_s = compute_seconds(False)  # on every thread: what the floor counts
     streamed = set(placement.streamed)
     embd = mf.tensors["token_embd.weight"]
     row_bytes = embd.nbytes // embd.shape[1] if len(embd.shape) > 1 else embd.nbytes
@@ -584,23 +577,22 @@ def plan_offload(
     compute = sum(compute_s.values())
     slots = placement.window_units
     threads = profile.threads or os.cpu_count() or 1
-    # Two ways to run beside the reader: compute on every thread (reads at their rate beside it), or
-    # on one thread fewer while a read is in flight (reads at the disk's own rate); the faster wins.
+    # Two ways to share the cores with the reader: compute on every thread (reads at their rate
+    # beside it), or on one thread fewer (reads at the disk's own rate); the faster wins.
     options: list[tuple[float, float, float, int | None]] = []
     for fewer in (False, True) if streamed and threads > 1 and profile.compute_bytes_per_s_one_fewer else (False,):
         disk = profile.disk_bytes_per_s if fewer else profile.read_rate_beside_compute()
         read_s = {u: payload[u] / disk for u in order}
-        seconds, stall = simulate_step(order, streamed, read_s, compute_s, slots, min(prefetch, slots - 1),
-                                       compute_seconds(True) if fewer else None)
+        seconds, stall = simulate_step(order, streamed, read_s, compute_seconds(fewer), slots, min(prefetch, slots - 1))
         options.append((seconds, stall, bytes_per_token / disk, threads - 1 if fewer else None))
     if streamed:
-        seconds, stall, reads, threads_while_reading = min(options, key=lambda o: o[0])
+        seconds, stall, reads, compute_threads = min(options, key=lambda o: o[0])
     else:
-        seconds, stall, reads, threads_while_reading = compute, 0.0, bytes_per_token / profile.disk_bytes_per_s, None
+        seconds, stall, reads, compute_threads = compute, 0.0, bytes_per_token / profile.disk_bytes_per_s, None
     floor_bytes = max(0, mf.weight_bytes - budget) if budget is not None else 0
     floor = max(compute, floor_bytes / profile.disk_bytes_per_s)
     return Plan(placement, mf.weight_bytes, payload, bytes_per_token, compute, reads, stall, max(seconds, 1e-9), floor, profile,
-                threads_while_reading)
+                compute_threads)
 
 
 # -- automatic budget ----------------------------------------------------------------------------
