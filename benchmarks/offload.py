@@ -45,6 +45,14 @@ def policy_for(kind: str, budget: int):
     raise ValueError(kind)
 
 
+def set_disk(profile, calibrated, disk_bytes_per_s: float) -> None:
+    """Give ``profile`` this disk rate, and rates beside compute in the proportion ``calibrated`` has."""
+    scale = disk_bytes_per_s / calibrated.disk_bytes_per_s
+    profile.disk_bytes_per_s = disk_bytes_per_s
+    profile.disk_bytes_per_s_beside_compute = calibrated.read_rate_beside_compute() * scale
+    profile.disk_bytes_per_s_beside_one_fewer = calibrated.read_rate_beside_compute(True) * scale
+
+
 def run_row(path: str, kind: str, fraction: float, tokens: int, threads: int, warmup: int,
             profile_path: str | None = None) -> dict:
     """One measurement, in this (fresh) process, planned with the parent's calibration."""
@@ -136,6 +144,7 @@ def main() -> None:
             {t: r for t, r in measured.compute_bytes_per_s_one_fewer.items() if t in model_types})
         profile.disk_bytes_per_s = measured.disk_bytes_per_s  # same disk for every file
         profile.disk_bytes_per_s_beside_compute = measured.disk_bytes_per_s_beside_compute
+        profile.disk_bytes_per_s_beside_one_fewer = measured.disk_bytes_per_s_beside_one_fewer
         profile.layer_overhead_s = measured.layer_overhead_s
         profile.threads = measured.threads
     # The rows run in child processes; LLVM pages this process still maps would count as shared in
@@ -144,10 +153,14 @@ def main() -> None:
     rates = ", ".join(f"{t} {r / 1e9:.2f} GB/s" for t, r in sorted(profile.compute_bytes_per_s.items()))
     fewer = ", ".join(f"{t} {r / 1e9:.2f} GB/s" for t, r in sorted(profile.compute_bytes_per_s_one_fewer.items()))
     print(f"calibration: disk {profile.disk_bytes_per_s / 1e9:.2f} GB/s (O_DIRECT), "
-          f"{profile.read_rate_beside_compute() / 1e9:.2f} GB/s beside compute on {args.threads} threads; "
+          f"{profile.read_rate_beside_compute() / 1e9:.2f} GB/s beside compute on {args.threads} threads, "
+          f"{profile.read_rate_beside_compute(True) / 1e9:.2f} beside one thread fewer; "
           f"compute {rates}; on one thread fewer {fewer or '-'}; "
           f"{profile.layer_overhead_s * 1e3:.2f} ms/layer besides mat-vecs; {args.threads} threads")
     profile_file = Path(tempfile.mkdtemp(prefix="pagellm-bench-")) / "profile.json"
+    # the disk drifts: each row re-measures it alone and takes the rates beside compute in the
+    # proportion the calibration found
+    calibrated = dataclasses.replace(profile)
     print("disk: GB/s of the disk measured just before the row (5 s of O_DIRECT reads the size of the streamed units, "
           "cycling over as many bytes as the row streams per token); reads: GB/s the row's own reads achieved")
     print("thr: compute threads (the plan's choice: all, or one fewer to leave the reader a core); fresh MB: buffer bytes per token "
@@ -176,7 +189,7 @@ def main() -> None:
                     streamed_bytes = max(64 * MiB, mf.weight_bytes - int(pct / 100 * mf.weight_bytes))
                     disks.append(measure_disk(path, seconds=args.disk_seconds, chunk=streamed_read_bytes(mf),
                                               region=streamed_bytes))
-                    profile.disk_bytes_per_s = disks[-1]
+                    set_disk(profile, calibrated, disks[-1])
                     profile.save(profile_file)
                     out = subprocess.run([sys.executable, __file__, "--row", str(path), f"{kind}:{pct / 100}",
                                           "--tokens", str(args.tokens), "--threads", str(args.threads),
@@ -194,17 +207,16 @@ def main() -> None:
                 r.update({k: runs[0][k] for k in ("budget", "weight_bytes", "kv_bytes", "largest_unit",
                                                   "compute_threads")})
                 r["peak_rss"] = max(run["peak_rss"] for run in runs)
-                profile.disk_bytes_per_s = statistics.median(disks)
+                set_disk(profile, calibrated, statistics.median(disks))
                 B, M = r["budget"], r["weight_bytes"]
                 policy, replacement = policy_for(kind, B)
                 plan = plan_offload(mf, policy, profile, replacement=replacement)
                 # the same plan at the rate the row's reads achieved: what is left is the planner's own error
                 # (both read rates scaled alike: the one the plan's choice reads at becomes the row's)
-                mode_rate = profile.disk_bytes_per_s if plan.compute_threads else profile.read_rate_beside_compute()
-                scale = r["disk_bytes_per_s"] / mode_rate
-                at_row = plan_offload(mf, policy, dataclasses.replace(
-                    profile, disk_bytes_per_s=profile.disk_bytes_per_s * scale,
-                    disk_bytes_per_s_beside_compute=profile.read_rate_beside_compute() * scale), replacement=replacement)
+                scale = r["disk_bytes_per_s"] / profile.read_rate_beside_compute(bool(plan.compute_threads))
+                at_row_profile = dataclasses.replace(profile)
+                set_disk(at_row_profile, profile, profile.disk_bytes_per_s * scale)
+                at_row = plan_offload(mf, policy, at_row_profile, replacement=replacement)
                 floor_s = max(plan.compute_seconds_per_token, (M - B) / profile.disk_bytes_per_s)
                 ratio = r["tok_s"] * floor_s
                 # the same ratio with the rate the row's own reads achieved as the disk's (kinder where

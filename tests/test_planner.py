@@ -151,6 +151,10 @@ def test_plan_leaves_a_core_to_reads_only_where_reads_suffer_beside_compute():
     unmeasured = plan_offload(mf, policy, MachineProfile(disk_bytes_per_s=2e9, compute_bytes_per_s={"Q8_0": 8e9}))
     assert coupled.compute_threads == 1 and separate.compute_threads is None
     assert unmeasured.compute_threads is None
+    # reads no faster beside one thread fewer: nothing to win by leaving a core
+    same = plan_offload(mf, policy, MachineProfile(disk_bytes_per_s=2e9, disk_bytes_per_s_beside_compute=1.2e9,
+                                                   disk_bytes_per_s_beside_one_fewer=1.2e9, **rates))
+    assert same.compute_threads is None
     # the choice is the faster of the two, and the floor is the same for both
     assert coupled.predicted_tokens_per_s > plan_offload(
         mf, policy, MachineProfile(disk_bytes_per_s=1.2e9, **{**rates, "compute_bytes_per_s_one_fewer": {}})

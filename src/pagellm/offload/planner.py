@@ -154,10 +154,11 @@ class MachineProfile:
     compute_bytes_per_s: dict[str, float] = field(default_factory=dict)
     layer_overhead_s: float = 2.0e-4  # norms, rope, attention at short context, per block
     # Where reads take CPU that compute would use (a virtual disk the host serves from the same
-    # cores), reads beside compute on every thread run slower than alone, and leaving one core to
-    # the reader can win: the read rate beside all-thread compute (0: unmeasured, as fast as alone)
-    # and the compute rate per type on one thread fewer.
+    # cores), reads beside compute run slower than alone, and leaving one core to the reader can
+    # win: the read rates beside compute on every thread and on one thread fewer (0: unmeasured,
+    # as fast as alone), and the compute rate per type on one thread fewer.
     disk_bytes_per_s_beside_compute: float = 0.0
+    disk_bytes_per_s_beside_one_fewer: float = 0.0
     compute_bytes_per_s_one_fewer: dict[str, float] = field(default_factory=dict)
     threads: int = 0
     measured: bool = False
@@ -170,9 +171,10 @@ class MachineProfile:
         rate = self.compute_bytes_per_s.get(ggml_type, self.DEFAULT_COMPUTE)
         return self.compute_bytes_per_s_one_fewer.get(ggml_type, rate) if one_fewer else rate
 
-    def read_rate_beside_compute(self) -> float:
-        """Bytes/s of reads while compute runs on every thread."""
-        return self.disk_bytes_per_s_beside_compute or self.disk_bytes_per_s
+    def read_rate_beside_compute(self, one_fewer: bool = False) -> float:
+        """Bytes/s of reads while compute runs on every thread (on one thread fewer: ``one_fewer``)."""
+        rate = self.disk_bytes_per_s_beside_one_fewer if one_fewer else self.disk_bytes_per_s_beside_compute
+        return rate or self.disk_bytes_per_s
 
     @staticmethod
     def cache_path() -> Path:
@@ -357,13 +359,15 @@ def calibrate(
     rates = measure_compute(types, threads, seconds_each=max(0.1, seconds * 0.5 / max(1, len(types))))
     n_threads = threads or os.cpu_count() or 1
     fewer: dict[str, float] = {}
-    beside = 0.0
+    beside = beside_fewer = 0.0
     if n_threads > 1:
         if progress:
             progress("reads beside compute")
         main_type = max(types, key=lambda t: sum(i.nbytes for i in mf.tensors.values() if i.ggml_type.name == t))
         beside = measure_disk_beside_compute(mf.path, main_type, n_threads, seconds=max(1.0, seconds * 0.4),
                                              chunk=streamed_read_bytes(mf))
+        beside_fewer = measure_disk_beside_compute(mf.path, main_type, n_threads - 1, seconds=max(1.0, seconds * 0.4),
+                                                   chunk=streamed_read_bytes(mf))
         fewer = measure_compute(types, n_threads - 1, seconds_each=max(0.1, seconds * 0.3 / max(1, len(types))))
         from pagellm import kernels
 
@@ -372,6 +376,7 @@ def calibrate(
     profile = MachineProfile.load_or_default()
     profile.disk_bytes_per_s = disk
     profile.disk_bytes_per_s_beside_compute = beside
+    profile.disk_bytes_per_s_beside_one_fewer = beside_fewer
     profile.compute_bytes_per_s.update(rates)
     profile.compute_bytes_per_s_one_fewer.update(fewer)
     profile.layer_overhead_s = overhead
@@ -577,11 +582,11 @@ def plan_offload(
     compute = sum(compute_s.values())
     slots = placement.window_units
     threads = profile.threads or os.cpu_count() or 1
-    # Two ways to share the cores with the reader: compute on every thread (reads at their rate
-    # beside it), or on one thread fewer (reads at the disk's own rate); the faster wins.
+    # Two ways to share the cores with the reader: compute on every thread or on one thread fewer,
+    # each with reads at the rate measured beside it; the faster wins.
     options: list[tuple[float, float, float, int | None]] = []
     for fewer in (False, True) if streamed and threads > 1 and profile.compute_bytes_per_s_one_fewer else (False,):
-        disk = profile.disk_bytes_per_s if fewer else profile.read_rate_beside_compute()
+        disk = profile.read_rate_beside_compute(fewer)
         read_s = {u: payload[u] / disk for u in order}
         seconds, stall = simulate_step(order, streamed, read_s, compute_seconds(fewer), slots, min(prefetch, slots - 1))
         options.append((seconds, stall, bytes_per_token / disk, threads - 1 if fewer else None))
