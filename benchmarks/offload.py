@@ -45,12 +45,20 @@ def policy_for(kind: str, budget: int):
     raise ValueError(kind)
 
 
-def set_disk(profile, calibrated, disk_bytes_per_s: float) -> None:
-    """Give ``profile`` this disk rate, and rates beside compute in the proportion ``calibrated`` has."""
-    scale = disk_bytes_per_s / calibrated.disk_bytes_per_s
-    profile.disk_bytes_per_s = disk_bytes_per_s
-    profile.disk_bytes_per_s_beside_compute = calibrated.read_rate_beside_compute() * scale
-    profile.disk_bytes_per_s_beside_one_fewer = calibrated.read_rate_beside_compute(True) * scale
+def set_disk(profile, rates: dict[int, float], threads: int) -> None:
+    """Give ``profile`` the read rates measured alone (0) and beside compute on threads - 1 and threads."""
+    profile.disk_bytes_per_s = rates[0]
+    profile.disk_bytes_per_s_beside_compute = rates[threads]
+    profile.disk_bytes_per_s_beside_one_fewer = rates[threads - 1] if threads > 1 else rates[0]
+
+
+def ggml_types(mf) -> dict[str, int]:
+    """Bytes of the model's matrices per GGML type."""
+    out: dict[str, int] = {}
+    for t in mf.tensors.values():
+        if len(t.shape) > 1:
+            out[t.ggml_type.name] = out.get(t.ggml_type.name, 0) + t.nbytes
+    return out
 
 
 def run_row(path: str, kind: str, fraction: float, tokens: int, threads: int, warmup: int,
@@ -127,7 +135,8 @@ def main() -> None:
         return
 
     from pagellm.modelfile import ModelFile
-    from pagellm.offload.planner import MachineProfile, calibrate, measure_disk, plan_offload, streamed_read_bytes
+    from pagellm.offload.planner import (MachineProfile, calibrate, measure_disk_beside_compute, plan_offload,
+                                         streamed_read_bytes)
     from pagellm.offload.pressure import release_compiler_pages
 
     args.dir.mkdir(parents=True, exist_ok=True)
@@ -145,6 +154,7 @@ def main() -> None:
         profile.disk_bytes_per_s = measured.disk_bytes_per_s  # same disk for every file
         profile.disk_bytes_per_s_beside_compute = measured.disk_bytes_per_s_beside_compute
         profile.disk_bytes_per_s_beside_one_fewer = measured.disk_bytes_per_s_beside_one_fewer
+        profile.fresh_page_bytes_per_s = measured.fresh_page_bytes_per_s
         profile.layer_overhead_s = measured.layer_overhead_s
         profile.threads = measured.threads
     # The rows run in child processes; LLVM pages this process still maps would count as shared in
@@ -156,19 +166,19 @@ def main() -> None:
           f"{profile.read_rate_beside_compute() / 1e9:.2f} GB/s beside compute on {args.threads} threads, "
           f"{profile.read_rate_beside_compute(True) / 1e9:.2f} beside one thread fewer; "
           f"compute {rates}; on one thread fewer {fewer or '-'}; "
-          f"{profile.layer_overhead_s * 1e3:.2f} ms/layer besides mat-vecs; {args.threads} threads")
+          f"{profile.layer_overhead_s * 1e3:.2f} ms/layer besides mat-vecs; new pages at "
+          f"{profile.fresh_page_bytes_per_s / 1e9:.2f} GB/s; {args.threads} threads")
     profile_file = Path(tempfile.mkdtemp(prefix="pagellm-bench-")) / "profile.json"
-    # the disk drifts: each row re-measures it alone and takes the rates beside compute in the
-    # proportion the calibration found
-    calibrated = dataclasses.replace(profile)
-    print("disk: GB/s of the disk measured just before the row (5 s of O_DIRECT reads the size of the streamed units, "
-          "cycling over as many bytes as the row streams per token); reads: GB/s the row's own reads achieved")
+    print("disk: GB/s of the disk measured alone just before the row (O_DIRECT reads the size of the streamed units, "
+          "cycling over as many bytes as the row streams per token, in turns with reads beside compute on "
+          "one thread fewer and on every thread, which the plan uses); reads: GB/s the row's own reads achieved")
+    print("d|n-1: GB/s of reads beside compute on one thread fewer, measured in turns with disk")
     print("thr: compute threads (the plan's choice: all, or one fewer to leave the reader a core); fresh MB: buffer bytes per token "
           "the pager had to map anew (the kernel zeroes them) rather than reuse")
     print("floor = max(compute, (M - B) / disk); ratio = floor time / measured time; "
           "planned: the planner's tok/s from the calibration and that disk figure; "
           "after reads: the ratio and the plan again with the rate the row's own reads achieved as the disk's")
-    header = (f"{'model':28s} {'policy':14s} {'budget':>6s} | {'tok/s':>6s} {'disk':>5s} {'floor':>6s} {'ratio':>5s} | "
+    header = (f"{'model':28s} {'policy':14s} {'budget':>6s} | {'tok/s':>6s} {'disk':>5s} {'d|n-1':>5s} {'floor':>6s} {'ratio':>5s} | "
               f"{'MB read/tok':>11s} {'(M-B) MB':>8s} {'ok':>3s} | {'stall':>5s} | {'peak RSS':>8s} {'B+KV+200':>8s} {'ok':>3s} | "
               f"{'planned':>7s} {'err':>5s} | {'reads':>5s} {'ratio':>5s} {'planned':>7s} {'err':>5s} | "
               f"{'thr':>3s} {'fresh MB':>8s}")
@@ -185,11 +195,14 @@ def main() -> None:
                     # after a pause for the previous run's exit (freeing its memory) to settle
                     time.sleep(1.0)
                     # over as many bytes as the row streams per token (a smaller region may be served
-                    # faster by caches below the disk, which the row's reads would not enjoy)
+                    # faster by caches below the disk, which the row's reads would not enjoy); alone
+                    # and beside compute, in turns, so the disk's drift moves all three alike
                     streamed_bytes = max(64 * MiB, mf.weight_bytes - int(pct / 100 * mf.weight_bytes))
-                    disks.append(measure_disk(path, seconds=args.disk_seconds, chunk=streamed_read_bytes(mf),
-                                              region=streamed_bytes))
-                    set_disk(profile, calibrated, disks[-1])
+                    main_type = max(ggml_types(mf), key=lambda t: ggml_types(mf)[t])
+                    disks.append(measure_disk_beside_compute(
+                        path, main_type, sorted({0, max(0, args.threads - 1), args.threads}),
+                        seconds=args.disk_seconds, chunk=streamed_read_bytes(mf), region=streamed_bytes))
+                    set_disk(profile, disks[-1], args.threads)
                     profile.save(profile_file)
                     out = subprocess.run([sys.executable, __file__, "--row", str(path), f"{kind}:{pct / 100}",
                                           "--tokens", str(args.tokens), "--threads", str(args.threads),
@@ -207,15 +220,17 @@ def main() -> None:
                 r.update({k: runs[0][k] for k in ("budget", "weight_bytes", "kv_bytes", "largest_unit",
                                                   "compute_threads")})
                 r["peak_rss"] = max(run["peak_rss"] for run in runs)
-                set_disk(profile, calibrated, statistics.median(disks))
+                set_disk(profile, {k: statistics.median(d[k] for d in disks) for k in disks[0]}, args.threads)
                 B, M = r["budget"], r["weight_bytes"]
                 policy, replacement = policy_for(kind, B)
                 plan = plan_offload(mf, policy, profile, replacement=replacement)
                 # the same plan at the rate the row's reads achieved: what is left is the planner's own error
                 # (both read rates scaled alike: the one the plan's choice reads at becomes the row's)
                 scale = r["disk_bytes_per_s"] / profile.read_rate_beside_compute(bool(plan.compute_threads))
-                at_row_profile = dataclasses.replace(profile)
-                set_disk(at_row_profile, profile, profile.disk_bytes_per_s * scale)
+                at_row_profile = dataclasses.replace(
+                    profile, disk_bytes_per_s=profile.disk_bytes_per_s * scale,
+                    disk_bytes_per_s_beside_compute=profile.read_rate_beside_compute() * scale,
+                    disk_bytes_per_s_beside_one_fewer=profile.read_rate_beside_compute(True) * scale)
                 at_row = plan_offload(mf, policy, at_row_profile, replacement=replacement)
                 floor_s = max(plan.compute_seconds_per_token, (M - B) / profile.disk_bytes_per_s)
                 ratio = r["tok_s"] * floor_s
@@ -227,7 +242,8 @@ def main() -> None:
                 rss_ok = r["peak_rss"] <= rss_limit
                 err = (plan.predicted_tokens_per_s - r["tok_s"]) / r["tok_s"]
                 err_at_row = (at_row.predicted_tokens_per_s - r["tok_s"]) / r["tok_s"]
-                print(f"{path.name:28s} {kind:14s} {pct:5d}% | {r['tok_s']:6.2f} {profile.disk_bytes_per_s / 1e9:5.2f} {1 / floor_s:6.2f} {ratio:5.2f} | "
+                print(f"{path.name:28s} {kind:14s} {pct:5d}% | {r['tok_s']:6.2f} {profile.disk_bytes_per_s / 1e9:5.2f} "
+                      f"{profile.read_rate_beside_compute(True) / 1e9:5.2f} {1 / floor_s:6.2f} {ratio:5.2f} | "
                       f"{r['bytes_per_token'] / 1e6:11.0f} {(M - B) / 1e6:8.0f} {'yes' if bytes_ok else 'NO':>3s} | "
                       f"{r['stall_share']:5.2f} | {r['peak_rss'] / MiB:8.0f} {rss_limit / MiB:8.0f} {'yes' if rss_ok else 'NO':>3s} | "
                       f"{plan.predicted_tokens_per_s:7.2f} {err:+5.0%} | "

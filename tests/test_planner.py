@@ -1,3 +1,4 @@
+import time
 import pytest
 from shared_paths import fixture_path
 
@@ -162,3 +163,45 @@ def test_plan_leaves_a_core_to_reads_only_where_reads_suffer_beside_compute():
     assert coupled.floor_seconds_per_token == separate.floor_seconds_per_token
     assert any("one core left to the reads" in line for line in coupled.lines())
     assert plan_offload(mf, NoOffload(), MachineProfile(disk_bytes_per_s_beside_compute=1e8, **rates)).compute_threads is None
+
+
+def test_fresh_page_replay_arithmetic():
+    from pagellm.offload.planner import fresh_bytes_per_sweep
+
+    order = [f"u{i}" for i in range(8)]
+    same = {u: 100 for u in order}
+    placement = place(same, order, 450, [], prefetch_n_ahead=1)
+    # equal units: every load takes its victim's buffer, nothing is mapped anew in steady state
+    assert sum(fresh_bytes_per_sweep(same, order, placement, 1).values()) == 0
+    assert sum(fresh_bytes_per_sweep(same, order, place(same, order, 450, [], 1, replacement="lru"), 1, "lru").values()) == 0
+    # alternating sizes under LRU: a large unit often replaces a small one and grows it
+    mixed = {u: 100 if i % 2 else 40 for i, u in enumerate(order)}
+    lru = place(mixed, order, 320, [], 1, replacement="lru")
+    grown = fresh_bytes_per_sweep(mixed, order, lru, 1, "lru")
+    assert 0 < sum(grown.values()) < sum(mixed.values())
+    assert all(grown[u] <= mixed[u] for u in grown)
+    # everything fits: nothing streams, nothing to replay
+    assert fresh_bytes_per_sweep(same, order, place(same, order, 10_000, [], 1), 1) == {}
+
+
+def test_fresh_page_replay_matches_the_pager():
+    from pagellm.offload.planner import fresh_bytes_per_sweep
+
+    mf = ModelFile.open(SYNTH)
+    for replacement in ("auto", "lru"):
+        policy = Budget(int(0.4 * mf.weight_bytes))
+        plan = plan_offload(mf, policy, MachineProfile(disk_bytes_per_s=1e9), replacement=replacement)
+        units, order, _, prefetch = LayerPager.describe(mf, policy, 4096)
+        capacity = {u.name: u.capacity for u in units}
+        predicted = sum(fresh_bytes_per_sweep(capacity, order, plan.placement, prefetch, replacement).values())
+        with LayerPager.build(mf, policy, replacement=replacement) as pager:
+            for sweep in range(6):
+                if sweep == 3:
+                    before = pager.stats.fresh_buffer_bytes
+                for name in pager.sweep_order:
+                    with pager.hold(name):
+                        pager.prefetch_after(name)
+                        time.sleep(0.002)  # let the read-ahead land, as compute would
+            measured = (pager.stats.fresh_buffer_bytes - before) / 3
+        largest = max(capacity.values())
+        assert abs(measured - predicted) <= largest, (replacement, measured, predicted)

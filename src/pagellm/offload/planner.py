@@ -160,6 +160,8 @@ class MachineProfile:
     disk_bytes_per_s_beside_compute: float = 0.0
     disk_bytes_per_s_beside_one_fewer: float = 0.0
     compute_bytes_per_s_one_fewer: dict[str, float] = field(default_factory=dict)
+    # bytes/s at which the kernel maps and zeroes new pages: what a read into fresh memory costs extra
+    fresh_page_bytes_per_s: float = 7.0e9
     threads: int = 0
     measured: bool = False
     source: str = "defaults"
@@ -254,38 +256,114 @@ def streamed_read_bytes(mf: ModelFile) -> list[int]:
     return [min(256 * MiB, u.nbytes) for u in plan_units(mf, 4096)[block]]
 
 
-def measure_disk_beside_compute(path: str | os.PathLike[str], ggml_type: str, threads: int, seconds: float = 2.0,
-                                chunk: int | Sequence[int] = 64 * MiB) -> float:
-    """measure_disk while mat-vecs of ``ggml_type`` run on ``threads`` threads in the background."""
+def measure_disk_beside_compute(path: str | os.PathLike[str], ggml_type: str, threads: Sequence[int],
+                                seconds: float = 4.0, chunk: int | Sequence[int] = 64 * MiB,
+                                region: int = 1024 * MiB) -> dict[int, float]:
+    """Read rate (bytes/s) while mat-vecs of ``ggml_type`` run on each of ``threads`` threads (0: none).
+
+    The settings take turns in short slices, so a disk whose rate drifts over minutes (a shared
+    virtual disk) moves them all alike and their ratios hold. Reads are measure_disk's: O_DIRECT,
+    the sizes in ``chunk`` in turn, cycling over ``region`` bytes, into a huge-page buffer.
+    """
     import threading
 
     from pagellm import kernels
+    from pagellm.offload.source import FileSource, allocate_buffer
     from pagellm.synth import random_weights
 
-    stop = threading.Event()
-    started = threading.Event()
+    settings = list(dict.fromkeys(int(t) for t in threads))
+    wanted = [0]  # the setting the compute thread follows; -1 ends it
+    running = [0]  # the setting it is in now
+    changed = threading.Condition()
 
     def compute() -> None:
-        kernels.set_num_threads(threads)
         rows, cols = 2048, 5632
         w = random_weights(ggml_type, rows, cols, seed=1)
         copies = [w] + [w.copy() for _ in range(max(1, (96 * MiB) // w.nbytes))]
         x = np.random.default_rng(0).standard_normal(cols).astype(np.float32)
         qtype = GGMLQuantizationType[ggml_type]
+        kernels.matvec(w, qtype, cols, x)  # compiled before the first timed slice
         n = 0
-        while not stop.is_set():
+        while True:
+            with changed:
+                if running[0] != wanted[0]:
+                    running[0] = wanted[0]
+                    changed.notify_all()
+                while wanted[0] == 0:
+                    running[0] = 0
+                    changed.notify_all()
+                    changed.wait()
+                if wanted[0] < 0:
+                    return
+                k = running[0] = wanted[0]
+                changed.notify_all()
+            kernels.set_num_threads(k)
             kernels.matvec(copies[n % len(copies)], qtype, cols, x)
             n += 1
-            started.set()
 
+    def switch(k: int) -> None:
+        with changed:
+            wanted[0] = k
+            changed.notify_all()
+            changed.wait_for(lambda: running[0] == k or k < 0, timeout=10)
+        time.sleep(0.02)  # the setting has taken hold
+
+    sizes = [int(chunk)] if isinstance(chunk, int) else [int(c) for c in chunk]
     worker = threading.Thread(target=compute, name="pagellm-calibrate", daemon=True)
     worker.start()
-    started.wait(timeout=60)
+    totals = {k: [0, 0.0] for k in settings}
     try:
-        return measure_disk(path, seconds=seconds, chunk=chunk)
+        with FileSource(path) as src:
+            if src.mode != "direct":
+                src.evict_page_cache()
+            buffer = allocate_buffer(max(sizes) + 2 * src.alignment)
+            span = sum(sizes)
+            n_rounds = max(1, min(src.file_size, region) // span)
+            slice_s = 0.4
+            i = 0
+            for k in [0] + settings:  # one untimed pass warms the region, as decoding re-reads it
+                switch(k)
+                t0 = time.perf_counter()
+                while time.perf_counter() - t0 < slice_s / 2:
+                    offset = (i % n_rounds) * span
+                    for j, n in enumerate(sizes):
+                        n = min(n, src.file_size - offset - sum(sizes[:j]))
+                        if n > 0:
+                            src.read_into(offset + sum(sizes[:j]), n, buffer)
+                    i += 1
+            deadline = time.perf_counter() + seconds
+            while time.perf_counter() < deadline or any(t[1] == 0 for t in totals.values()):
+                for k in settings:
+                    switch(k)
+                    t0 = time.perf_counter()
+                    while time.perf_counter() - t0 < slice_s:
+                        offset = (i % n_rounds) * span
+                        done = 0
+                        for n in sizes:
+                            n = min(n, src.file_size - offset - done)
+                            if n > 0:
+                                src.read_into(offset + done, n, buffer)
+                                done += n
+                        totals[k][0] += done
+                        i += 1
+                    totals[k][1] += time.perf_counter() - t0
     finally:
-        stop.set()
+        switch(-1)
         worker.join()
+    return {k: b / max(t, 1e-9) for k, (b, t) in totals.items()}
+
+
+def measure_fresh_pages(seconds: float = 0.5, nbytes: int = 64 * MiB) -> float:
+    """Bytes/s at which new buffers' pages are mapped, zeroed (by the kernel, on first touch) and let go."""
+    from pagellm.offload.source import PAGE, allocate_buffer
+
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or done < 3 * nbytes:
+        buffer = allocate_buffer(nbytes)
+        buffer[::PAGE] = 0  # one write per page faults each in
+        del buffer
+        done += nbytes
+    return done / (time.perf_counter() - t0)
 
 
 def measure_compute(ggml_types: Sequence[str], threads: int | None = None, seconds_each: float = 0.4) -> dict[str, float]:
@@ -364,10 +442,11 @@ def calibrate(
         if progress:
             progress("reads beside compute")
         main_type = max(types, key=lambda t: sum(i.nbytes for i in mf.tensors.values() if i.ggml_type.name == t))
-        beside = measure_disk_beside_compute(mf.path, main_type, n_threads, seconds=max(1.0, seconds * 0.4),
-                                             chunk=streamed_read_bytes(mf))
-        beside_fewer = measure_disk_beside_compute(mf.path, main_type, n_threads - 1, seconds=max(1.0, seconds * 0.4),
-                                                   chunk=streamed_read_bytes(mf))
+        rates_beside = measure_disk_beside_compute(mf.path, main_type, [0, n_threads - 1, n_threads],
+                                                   seconds=max(1.5, seconds * 0.6), chunk=streamed_read_bytes(mf))
+        # as ratios to the rate alone, measured in the same turns, applied to the disk figure above
+        beside = disk * rates_beside[n_threads] / rates_beside[0]
+        beside_fewer = disk * rates_beside[n_threads - 1] / rates_beside[0]
         fewer = measure_compute(types, n_threads - 1, seconds_each=max(0.1, seconds * 0.3 / max(1, len(types))))
         from pagellm import kernels
 
@@ -377,6 +456,7 @@ def calibrate(
     profile.disk_bytes_per_s = disk
     profile.disk_bytes_per_s_beside_compute = beside
     profile.disk_bytes_per_s_beside_one_fewer = beside_fewer
+    profile.fresh_page_bytes_per_s = measure_fresh_pages()
     profile.compute_bytes_per_s.update(rates)
     profile.compute_bytes_per_s_one_fewer.update(fewer)
     profile.layer_overhead_s = overhead
@@ -491,6 +571,82 @@ def _compress(units: Sequence[str]) -> str:
     return ", ".join(out)
 
 
+def fresh_bytes_per_sweep(
+    units: Mapping[str, int],
+    order: Sequence[str],
+    placement: Placement,
+    prefetch_n_ahead: int,
+    replacement: str = "auto",
+    sweeps: int = 4,
+) -> dict[str, int]:
+    """Bytes per streamed unit the pager must map anew (not reuse a victim's pages) in a steady sweep.
+
+    A replay of the pager's rules on one thread: acquire each unit of the sweep (a miss evicts the
+    best victims), ask for the next unit not in RAM and again once the unit is released (the
+    read-ahead, which may not evict what the sweep needs sooner, nor the resident set), victims
+    best first (furthest next use; LRU: least recently used). A load takes a same-sized victim's
+    buffer, else grows the largest victim's (only the difference is new), else new pages.
+    """
+    budget = placement.budget_bytes
+    if budget is None or not placement.streamed:
+        return {}
+    index = {u: i for i, u in enumerate(order)}
+    keep = set(placement.resident)
+    held = {u: units[u] for u in placement.pinned}  # resident unit -> its buffer's bytes
+    last_use: dict[str, int] = {}
+    position, tick = -1, 0
+    fresh: dict[str, int] = {}
+
+    def distance(u: str) -> int:
+        return (index[u] - position - 1) % len(order) if u in index else len(order)
+
+    def reserve(u: str, prefetching: bool, in_use: str | None) -> bool:
+        need = units[u]
+        idle = [v for v in held if v not in placement.pinned and v != in_use]
+        if prefetching:
+            idle = [v for v in idle if v not in keep and distance(v) > distance(u)]
+        if replacement == "lru":
+            idle.sort(key=lambda v: last_use.get(v, 0))
+        else:
+            idle.sort(key=lambda v: (v in keep, -distance(v)))
+        room = budget - sum(held.values())
+        chosen = []
+        for v in idle:
+            if room >= need:
+                break
+            chosen.append(v)
+            room += held[v]
+        if room < need:
+            return False
+        sizes = [held.pop(v) for v in chosen]
+        new = 0 if need in sizes else need - max(sizes) if sizes and max(sizes) < need else 0 if sizes else need
+        fresh[u] = fresh.get(u, 0) + new
+        held[u] = need
+        return True
+
+    def next_absent(u: str) -> str | None:
+        for k in range(1, len(order)):
+            v = order[(index[u] + k) % len(order)]
+            if v not in held:
+                return v
+        return None
+
+    for sweep in range(sweeps):
+        if sweep == sweeps - 1:
+            fresh.clear()
+        for u in order:
+            position = index[u]
+            if u not in held:
+                reserve(u, False, None)
+            tick += 1
+            last_use[u] = tick
+            if prefetch_n_ahead > 0:
+                ahead = next_absent(u)
+                if ahead is not None and not reserve(ahead, True, u):
+                    reserve(ahead, True, None)  # once ``u`` is released
+    return fresh
+
+
 def simulate_step(
     order: Sequence[str],
     streamed: set[str],
@@ -585,9 +741,12 @@ def plan_offload(
     # Two ways to share the cores with the reader: compute on every thread or on one thread fewer,
     # each with reads at the rate measured beside it; the faster wins.
     options: list[tuple[float, float, float, int | None]] = []
+    # reads into pages mapped anew wait for the kernel to zero them
+    fresh = fresh_bytes_per_sweep(capacities, order, placement, prefetch, replacement) if streamed else {}
+    fresh_s = {u: fresh.get(u, 0) / profile.fresh_page_bytes_per_s for u in order}
     for fewer in (False, True) if streamed and threads > 1 and profile.compute_bytes_per_s_one_fewer else (False,):
         disk = profile.read_rate_beside_compute(fewer)
-        read_s = {u: payload[u] / disk for u in order}
+        read_s = {u: payload[u] / disk + fresh_s[u] for u in order}
         seconds, stall = simulate_step(order, streamed, read_s, compute_seconds(fewer), slots, min(prefetch, slots - 1))
         options.append((seconds, stall, bytes_per_token / disk, threads - 1 if fewer else None))
     if streamed:
