@@ -56,19 +56,27 @@ def test_unknown_mode():
         FileSource(PATH, "fast")
 
 
-def test_remap_buffer_keeps_the_pages_and_refuses_while_a_view_lives():
-    from pagellm.offload.source import buffer_mapping, remap_buffer
+def test_remap_buffer_resizes_aligned_and_refuses_while_a_view_lives():
+    from pagellm.offload.source import HUGE_PAGE, buffer_mapping, remap_buffer
+
+    def address(a):
+        return a.__array_interface__["data"][0]
 
     buf = allocate_buffer(8 << 20)
     buf[:] = 7
+    assert address(buf) % HUGE_PAGE == 0 and buf.nbytes == 8 << 20
     view = buf[100:200]
     mapping = buffer_mapping(buf)
     assert remap_buffer(mapping, 4 << 20) is None  # arrays over it are alive: it must not move
     del buf, view
     small = remap_buffer(mapping, 4 << 20)
-    assert small.nbytes == 4 << 20 and (small == 7).all()  # shrunk in place, contents kept
+    assert small.nbytes == 4 << 20 and address(small) % HUGE_PAGE == 0
+    assert len(mapping) < (4 << 20) + HUGE_PAGE  # the tail went back, not just out of the view
     mapping = buffer_mapping(small)
     del small
-    large = remap_buffer(mapping, 12 << 20)
-    assert large.nbytes == 12 << 20 and (large[: 4 << 20] == 7).all() and not large[4 << 20 :].any()
+    large = remap_buffer(mapping, (12 << 20) + 4096)
+    assert large.nbytes == (12 << 20) + 4096 and address(large) % HUGE_PAGE == 0
+    large[:] = 1  # every byte of it is writable memory
     assert buffer_mapping(np.zeros(4)) is None
+    small_buffer = allocate_buffer(1000)
+    assert small_buffer.nbytes >= 1000 and address(small_buffer) % 4096 == 0
