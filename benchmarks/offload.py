@@ -52,6 +52,14 @@ def set_disk(profile, rates: dict[int, float], threads: int) -> None:
     profile.disk_bytes_per_s_beside_one_fewer = rates[threads - 1] if threads > 1 else rates[0]
 
 
+def streamed_unit_bytes(mf, policy, replacement: str) -> list[int]:
+    """Bytes of the units a policy streams each token, in sweep order (what the pager reads)."""
+    from pagellm.offload.planner import plan_offload
+
+    plan = plan_offload(mf, policy, replacement=replacement)
+    return [plan.unit_bytes[u] for u in plan.placement.streamed] or [64 * MiB]
+
+
 def ggml_types(mf) -> dict[str, int]:
     """Bytes of the model's matrices per GGML type."""
     out: dict[str, int] = {}
@@ -169,9 +177,9 @@ def main() -> None:
           f"{profile.layer_overhead_s * 1e3:.2f} ms/layer besides mat-vecs; new pages at "
           f"{profile.fresh_page_bytes_per_s / 1e9:.2f} GB/s; {args.threads} threads")
     profile_file = Path(tempfile.mkdtemp(prefix="pagellm-bench-")) / "profile.json"
-    print("disk: GB/s of the disk measured alone just before the row (O_DIRECT reads the size of the streamed units, "
-          "cycling over as many bytes as the row streams per token, in turns with reads beside compute on "
-          "one thread fewer and on every thread, which the plan uses); reads: GB/s the row's own reads achieved")
+    print("disk: GB/s of the disk measured alone just before the row (O_DIRECT reads of the units the row streams, in "
+          "sweep order, cycling over as many bytes, in turns with the same reads beside compute on one thread fewer "
+          "and on every thread, which the plan uses); reads: GB/s the row's own reads achieved")
     print("d|n-1: GB/s of reads beside compute on one thread fewer, measured in turns with disk")
     print("thr: compute threads (the plan's choice: all, or one fewer to leave the reader a core); fresh MB: buffer bytes per token "
           "the pager had to map anew (the kernel zeroes them) rather than reuse")
@@ -194,14 +202,16 @@ def main() -> None:
                     # the disk's rate drifts over minutes here: measure it again just before each run,
                     # after a pause for the previous run's exit (freeing its memory) to settle
                     time.sleep(1.0)
-                    # over as many bytes as the row streams per token (a smaller region may be served
-                    # faster by caches below the disk, which the row's reads would not enjoy); alone
-                    # and beside compute, in turns, so the disk's drift moves all three alike
-                    streamed_bytes = max(64 * MiB, mf.weight_bytes - int(pct / 100 * mf.weight_bytes))
+                    # the units the row streams, in sweep order, over as many bytes as it streams per
+                    # token (a smaller region may be served faster by caches below the disk, which the
+                    # row's reads would not enjoy); alone and beside compute, in turns, so the disk's
+                    # drift moves all three alike
+                    policy, replacement = policy_for(kind, int(pct / 100 * mf.weight_bytes))
+                    sizes = streamed_unit_bytes(mf, policy, replacement)
                     main_type = max(ggml_types(mf), key=lambda t: ggml_types(mf)[t])
                     disks.append(measure_disk_beside_compute(
                         path, main_type, sorted({0, max(0, args.threads - 1), args.threads}),
-                        seconds=args.disk_seconds, chunk=streamed_read_bytes(mf), region=streamed_bytes))
+                        seconds=args.disk_seconds, chunk=sizes, region=max(64 * MiB, sum(sizes))))
                     set_disk(profile, disks[-1], args.threads)
                     profile.save(profile_file)
                     out = subprocess.run([sys.executable, __file__, "--row", str(path), f"{kind}:{pct / 100}",

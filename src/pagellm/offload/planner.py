@@ -262,8 +262,9 @@ def measure_disk_beside_compute(path: str | os.PathLike[str], ggml_type: str, th
     """Read rate (bytes/s) while mat-vecs of ``ggml_type`` run on each of ``threads`` threads (0: none).
 
     The settings take turns in short slices, so a disk whose rate drifts over minutes (a shared
-    virtual disk) moves them all alike and their ratios hold. Reads are measure_disk's: O_DIRECT,
-    the sizes in ``chunk`` in turn, cycling over ``region`` bytes, into a huge-page buffer.
+    virtual disk) moves them all alike and their ratios hold. Reads are the pager's: O_DIRECT, the
+    sizes in ``chunk`` in turn (the streamed units, in sweep order: small reads run slower),
+    cycling over ``region`` bytes, into a huge-page buffer.
     """
     import threading
 
@@ -317,36 +318,32 @@ def measure_disk_beside_compute(path: str | os.PathLike[str], ggml_type: str, th
             if src.mode != "direct":
                 src.evict_page_cache()
             buffer = allocate_buffer(max(sizes) + 2 * src.alignment)
-            span = sum(sizes)
-            n_rounds = max(1, min(src.file_size, region) // span)
+            limit = min(src.file_size, max(region, max(sizes)))
+            cursor = [0, 0]  # next size, next offset: the reads go on across slices, cycling the region
+
+            def read_for(duration: float) -> tuple[int, float]:
+                done, t0 = 0, time.perf_counter()
+                while time.perf_counter() - t0 < duration:
+                    n = min(sizes[cursor[0] % len(sizes)], src.file_size)
+                    if cursor[1] + n > limit:
+                        cursor[1] = 0
+                    src.read_into(cursor[1], n, buffer)
+                    cursor[0] += 1
+                    cursor[1] += n
+                    done += n
+                return done, time.perf_counter() - t0
+
             slice_s = 0.4
-            i = 0
-            for k in [0] + settings:  # one untimed pass warms the region, as decoding re-reads it
+            for k in [0] + settings:  # an untimed pass warms the region, as decoding re-reads it
                 switch(k)
-                t0 = time.perf_counter()
-                while time.perf_counter() - t0 < slice_s / 2:
-                    offset = (i % n_rounds) * span
-                    for j, n in enumerate(sizes):
-                        n = min(n, src.file_size - offset - sum(sizes[:j]))
-                        if n > 0:
-                            src.read_into(offset + sum(sizes[:j]), n, buffer)
-                    i += 1
+                read_for(slice_s / 2)
             deadline = time.perf_counter() + seconds
             while time.perf_counter() < deadline or any(t[1] == 0 for t in totals.values()):
                 for k in settings:
                     switch(k)
-                    t0 = time.perf_counter()
-                    while time.perf_counter() - t0 < slice_s:
-                        offset = (i % n_rounds) * span
-                        done = 0
-                        for n in sizes:
-                            n = min(n, src.file_size - offset - done)
-                            if n > 0:
-                                src.read_into(offset + done, n, buffer)
-                                done += n
-                        totals[k][0] += done
-                        i += 1
-                    totals[k][1] += time.perf_counter() - t0
+                    done, spent = read_for(slice_s)
+                    totals[k][0] += done
+                    totals[k][1] += spent
     finally:
         switch(-1)
         worker.join()
