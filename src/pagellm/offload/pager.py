@@ -710,14 +710,16 @@ class LayerPager:
                     if self._queue:
                         name = self._queue.popleft()
                         self._queued.discard(name)
-                        ahead = None
                         entry = self._entries[name]
-                        if entry.state != ABSENT:
+                        if entry.state != ABSENT:  # read already (or by the read-ahead): nothing to do
                             entry = None
                             continue
+                        ahead = None
                         buffer = self._reserve(entry, for_prefetch=True)
                         if buffer is None:
                             self.stats.prefetches_skipped += 1
+                            if name == self._next_absent_after_position():
+                                ahead = name  # the unit the sweep needs next: read it as room frees
                             entry = None
                     elif ahead is not None and self._entries[ahead].state == ABSENT and self._ahead_of_sweep(ahead):
                         entry = self._entries[ahead]
@@ -738,6 +740,10 @@ class LayerPager:
                 pass
             with self._cond:
                 ahead = self._next_absent_after(entry.unit.name)
+
+    def _next_absent_after_position(self) -> str | None:
+        """The first unit not resident after the one the sweep acquired last."""
+        return self._next_absent_after(self.sweep_order[self._position]) if self._position >= 0 else None
 
     def _next_absent_after(self, name: str) -> str | None:
         """The first unit after ``name`` in the sweep that is not resident (None outside the sweep)."""
