@@ -60,15 +60,6 @@ def streamed_unit_bytes(mf, policy, replacement: str) -> list[int]:
     return [plan.unit_bytes[u] for u in plan.placement.streamed] or [64 * MiB]
 
 
-def ggml_types(mf) -> dict[str, int]:
-    """Bytes of the model's matrices per GGML type."""
-    out: dict[str, int] = {}
-    for t in mf.tensors.values():
-        if len(t.shape) > 1:
-            out[t.ggml_type.name] = out.get(t.ggml_type.name, 0) + t.nbytes
-    return out
-
-
 def run_row(path: str, kind: str, fraction: float, tokens: int, threads: int, warmup: int,
             profile_path: str | None = None) -> dict:
     """One measurement, in this (fresh) process, planned with the parent's calibration."""
@@ -143,8 +134,7 @@ def main() -> None:
         return
 
     from pagellm.modelfile import ModelFile
-    from pagellm.offload.planner import (MachineProfile, calibrate, measure_disk_beside_compute, plan_offload,
-                                         streamed_read_bytes)
+    from pagellm.offload.planner import MachineProfile, calibrate, main_weight_type, measure_disk, plan_offload
     from pagellm.offload.pressure import release_compiler_pages
 
     args.dir.mkdir(parents=True, exist_ok=True)
@@ -208,9 +198,8 @@ def main() -> None:
                     # drift moves all three alike
                     policy, replacement = policy_for(kind, int(pct / 100 * mf.weight_bytes))
                     sizes = streamed_unit_bytes(mf, policy, replacement)
-                    main_type = max(ggml_types(mf), key=lambda t: ggml_types(mf)[t])
-                    disks.append(measure_disk_beside_compute(
-                        path, main_type, sorted({0, max(0, args.threads - 1), args.threads}),
+                    disks.append(measure_disk(
+                        path, main_weight_type(mf), sorted({0, max(0, args.threads - 1), args.threads}),
                         seconds=args.disk_seconds, chunk=sizes, region=max(64 * MiB, sum(sizes))))
                     set_disk(profile, disks[-1], args.threads)
                     profile.save(profile_file)

@@ -25,7 +25,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 
 from pagellm.modelfile import GLOBALS, OUTPUT_HEAD, TOKEN_EMBEDDING, ModelFile
-from pagellm.offload.planner import Placement, place
+from pagellm.offload.planner import Placement, place, reuse_choice, victim_order
 from pagellm.offload.policy import AnyPolicy, PinnedHotSet, format_size
 from pagellm.offload.source import PAGE, FileSource, allocate_buffer, buffer_mapping, remap_buffer
 
@@ -546,15 +546,12 @@ class LayerPager:
         Units the placement keeps resident go last (only random access, never the sweep, reaches
         them), and a prefetch never takes them, nor a unit the sweep needs before the one it brings.
         """
-        idle = [e for e in self._entries.values()
-                if e.state == RESIDENT and not e.refs and not e.pinned and not e.waiters]
-        keep = set(self.placement.resident)
-        if prefetching is not None:
-            limit = self._distance(prefetching.unit.name)
-            idle = [e for e in idle if e.unit.name not in keep and self._distance(e.unit.name) > limit]
-        if self.replacement == "lru":
-            return sorted(idle, key=lambda e: e.last_use)
-        return sorted(idle, key=lambda e: (e.unit.name in keep, -self._distance(e.unit.name)))
+        idle = {n: e for n, e in self._entries.items()
+                if e.state == RESIDENT and not e.refs and not e.pinned and not e.waiters}
+        order = victim_order(list(idle), set(self.placement.resident), self._distance,
+                             {n: e.last_use for n, e in idle.items()}, self.replacement,
+                             prefetching.unit.name if prefetching is not None else None)
+        return [idle[n] for n in order]
 
     def _reserve(self, entry: _Entry, for_prefetch: bool) -> np.ndarray | None:
         """Make room for ``entry`` and return its buffer, or None (evicting nothing) if impossible now."""
@@ -571,25 +568,24 @@ class LayerPager:
             freed += victim.unit.capacity
         if self._held_bytes - freed + need > self._budget:
             return None
-        # Read into pages the process already holds where it can: a same-sized victim's buffer as it
-        # is, else the largest victim's remapped to size (only the difference is new pages).
-        same = next((v for v in chosen if v.buffer is not None and v.buffer.nbytes == need), None)
-        others = sorted((v for v in chosen if v.buffer is not None and v is not same), key=lambda v: -v.buffer.nbytes)
-        reuse = same.buffer if same is not None else None
-        spare = buffer_mapping(others[0].buffer) if same is None and others else None
-        spare_bytes = others[0].buffer.nbytes if spare is not None else 0
-        del others
+        # Read into pages the process already holds where it can (reuse_choice says whose).
+        donors = [v.buffer for v in chosen if v.buffer is not None]
+        pick = reuse_choice(need, [b.nbytes for b in donors])
+        donor = donors[pick] if pick is not None else None
+        del donors
         for victim in chosen:
             self._evict(victim)  # drops the pager's arrays over the victims' pages
         self._account(need)
-        if reuse is not None:
+        if donor is not None and donor.nbytes == need:
             self.stats.reused_buffer_bytes += need
-            return reuse
-        if spare is not None:
-            remapped = remap_buffer(spare, need)
+            return donor
+        if donor is not None:
+            donor_bytes, mapping = donor.nbytes, buffer_mapping(donor)
+            del donor  # the last array over its pages, so they may move
+            remapped = remap_buffer(mapping, need) if mapping is not None else None
             if remapped is not None:
-                self.stats.reused_buffer_bytes += min(need, spare_bytes)
-                self.stats.fresh_buffer_bytes += max(0, need - spare_bytes)
+                self.stats.reused_buffer_bytes += min(need, donor_bytes)
+                self.stats.fresh_buffer_bytes += max(0, need - donor_bytes)
                 return remapped
         self.stats.fresh_buffer_bytes += need
         return allocate_buffer(need)

@@ -98,6 +98,32 @@ def place(
                      budget_bytes, slots)
 
 
+def victim_order(idle: Sequence[str], keep: set[str], distance: Callable[[str], int], last_use: Mapping[str, int],
+                 replacement: str, bringing: str | None = None) -> list[str]:
+    """Idle units, best victim first, by the pager's rules.
+
+    Sweep-aware: the unit the sweep needs furthest ahead first, units the placement keeps resident
+    (``keep``) last; LRU: the least recently used first. A prefetch ``bringing`` a unit takes no
+    kept unit, nor one the sweep needs before the unit it brings.
+    """
+    if bringing is not None:
+        limit = distance(bringing)
+        idle = [u for u in idle if u not in keep and distance(u) > limit]
+    if replacement == "lru":
+        return sorted(idle, key=lambda u: last_use.get(u, 0))
+    return sorted(idle, key=lambda u: (u in keep, -distance(u)))
+
+
+def reuse_choice(need: int, sizes: Sequence[int]) -> int | None:
+    """Which victim's buffer a load of ``need`` bytes takes: one of that size, else the largest (None: no victim).
+
+    A same-sized buffer is used as it is; any other is remapped to size, so only growth maps new pages.
+    """
+    if not sizes:
+        return None
+    return sizes.index(need) if need in sizes else max(range(len(sizes)), key=sizes.__getitem__)
+
+
 def _run_bytes(order: Sequence[str], units: Mapping[str, int], n: int) -> int:
     """The most bytes ``n`` cyclically consecutive units of ``order`` take together."""
     sizes = [units[u] for u in order]
@@ -204,48 +230,6 @@ class MachineProfile:
         os.replace(tmp, path)
 
 
-def measure_disk(path: str | os.PathLike[str], seconds: float = 2.0, chunk: int | Sequence[int] = 64 * MiB,
-                 region: int = 1024 * MiB) -> float:
-    """Bytes/s of large sequential O_DIRECT reads of ``path``, as the pager's reader makes them.
-
-    ``chunk`` is the read size, or the sizes of one block's units, read in turn: small reads run
-    slower (here 9 MiB at 1.6 GB/s, 35 MiB at 1.8, 76 MiB at 2.1), so the mix the pager will
-    stream is what is timed. The first quarter of the time reads without timing: decoding re-reads
-    the same streamed layers every token, and on a virtual disk backed by the host's cache those
-    repeats run faster than first reads; on a plain disk the two are alike. The rest cycles over a
-    region of the file and returns the median rate of its rounds (one read of each size), which one
-    slow or fast read does not move. One reader into huge-page buffers, as the pager.
-    """
-    from pagellm.offload.source import FileSource, allocate_buffer
-
-    sizes = [int(chunk)] if isinstance(chunk, int) else [int(c) for c in chunk]
-    with FileSource(path) as src:
-        if src.mode != "direct":
-            src.evict_page_cache()
-        buffer = allocate_buffer(max(sizes) + 2 * src.alignment)
-        span = sum(sizes)
-        n_rounds = max(1, min(src.file_size, region) // span)
-        rates: list[float] = []
-        t_start = time.perf_counter()
-        i = 0
-        while True:
-            elapsed = time.perf_counter() - t_start
-            if elapsed > seconds and len(rates) >= 3:
-                break
-            offset = (i % n_rounds) * span
-            t0 = time.perf_counter()
-            done = 0
-            for n in sizes:
-                n = min(n, src.file_size - offset - done)
-                if n > 0:
-                    src.read_into(offset + done, n, buffer)
-                    done += n
-            if elapsed > seconds / 4 or i >= n_rounds:  # past the warm-up pass
-                rates.append(done / max(time.perf_counter() - t0, 1e-9))
-            i += 1
-        return float(np.median(rates))
-
-
 def streamed_read_bytes(mf: ModelFile) -> list[int]:
     """The read sizes to calibrate with: the units of the largest block, which is most of what streams."""
     from pagellm.offload.pager import plan_units
@@ -256,15 +240,18 @@ def streamed_read_bytes(mf: ModelFile) -> list[int]:
     return [min(256 * MiB, u.nbytes) for u in plan_units(mf, 4096)[block]]
 
 
-def measure_disk_beside_compute(path: str | os.PathLike[str], ggml_type: str, threads: Sequence[int],
-                                seconds: float = 4.0, chunk: int | Sequence[int] = 64 * MiB,
-                                region: int = 1024 * MiB) -> dict[int, float]:
-    """Read rate (bytes/s) while mat-vecs of ``ggml_type`` run on each of ``threads`` threads (0: none).
+def measure_disk(path: str | os.PathLike[str], ggml_type: str | None = None, threads: Sequence[int] = (0,),
+                 seconds: float = 2.0, chunk: int | Sequence[int] = 64 * MiB,
+                 region: int = 1024 * MiB) -> dict[int, float]:
+    """Read rate (bytes/s) of the pager's reads of ``path``, alone (0) and beside compute on each ``threads``.
 
-    The settings take turns in short slices, so a disk whose rate drifts over minutes (a shared
-    virtual disk) moves them all alike and their ratios hold. Reads are the pager's: O_DIRECT, the
-    sizes in ``chunk`` in turn (the streamed units, in sweep order: small reads run slower),
-    cycling over ``region`` bytes, into a huge-page buffer.
+    Reads are the pager's: O_DIRECT into a huge-page buffer, the sizes in ``chunk`` in turn (the
+    streamed units in sweep order: small reads run slower, here 9 MiB at 1.6 GB/s against 76 MiB
+    at 2.1), cycling over ``region`` bytes. A first untimed pass warms the region: decoding re-reads
+    the same layers every token, and a virtual disk backed by the host's cache serves repeats
+    faster than first reads. Beside compute, mat-vecs of ``ggml_type`` run on the given number of
+    threads in a background thread. The settings take turns in short slices, so a disk whose rate
+    drifts over minutes (a shared virtual disk) moves them all alike and their ratios hold.
     """
     import threading
 
@@ -273,8 +260,8 @@ def measure_disk_beside_compute(path: str | os.PathLike[str], ggml_type: str, th
     from pagellm.synth import random_weights
 
     settings = list(dict.fromkeys(int(t) for t in threads))
-    wanted = [0]  # the setting the compute thread follows; -1 ends it
-    running = [0]  # the setting it is in now
+    wanted = [0]  # the setting the compute thread is asked for (threads; 0 idle; -1 end)
+    running = [0]  # the setting it is in
     changed = threading.Condition()
 
     def compute() -> None:
@@ -287,31 +274,35 @@ def measure_disk_beside_compute(path: str | os.PathLike[str], ggml_type: str, th
         n = 0
         while True:
             with changed:
-                if running[0] != wanted[0]:
-                    running[0] = wanted[0]
-                    changed.notify_all()
                 while wanted[0] == 0:
                     running[0] = 0
                     changed.notify_all()
                     changed.wait()
-                if wanted[0] < 0:
-                    return
                 k = running[0] = wanted[0]
                 changed.notify_all()
+            if k < 0:
+                return
             kernels.set_num_threads(k)
             kernels.matvec(copies[n % len(copies)], qtype, cols, x)
             n += 1
 
+    worker = None
+    if any(settings):
+        if ggml_type is None:
+            raise ValueError("reads beside compute need the GGML type to compute with")
+        worker = threading.Thread(target=compute, name="pagellm-calibrate", daemon=True)
+        worker.start()
+
     def switch(k: int) -> None:
+        if worker is None:
+            return
         with changed:
             wanted[0] = k
             changed.notify_all()
-            changed.wait_for(lambda: running[0] == k or k < 0, timeout=10)
+            changed.wait_for(lambda: running[0] == k, timeout=10)
         time.sleep(0.02)  # the setting has taken hold
 
     sizes = [int(chunk)] if isinstance(chunk, int) else [int(c) for c in chunk]
-    worker = threading.Thread(target=compute, name="pagellm-calibrate", daemon=True)
-    worker.start()
     totals = {k: [0, 0.0] for k in settings}
     try:
         with FileSource(path) as src:
@@ -334,7 +325,7 @@ def measure_disk_beside_compute(path: str | os.PathLike[str], ggml_type: str, th
                 return done, time.perf_counter() - t0
 
             slice_s = 0.4
-            for k in [0] + settings:  # an untimed pass warms the region, as decoding re-reads it
+            for k in settings:  # the untimed pass
                 switch(k)
                 read_for(slice_s / 2)
             deadline = time.perf_counter() + seconds
@@ -346,8 +337,18 @@ def measure_disk_beside_compute(path: str | os.PathLike[str], ggml_type: str, th
                     totals[k][1] += spent
     finally:
         switch(-1)
-        worker.join()
+        if worker is not None:
+            worker.join()
     return {k: b / max(t, 1e-9) for k, (b, t) in totals.items()}
+
+
+def main_weight_type(mf: ModelFile) -> str:
+    """The GGML type holding most of the model's matrix bytes."""
+    totals = collections.Counter()
+    for t in mf.tensors.values():
+        if len(t.shape) > 1:
+            totals[t.ggml_type.name] += t.nbytes
+    return totals.most_common(1)[0][0]
 
 
 def measure_fresh_pages(seconds: float = 0.5, nbytes: int = 64 * MiB) -> float:
@@ -426,33 +427,27 @@ def calibrate(
 ) -> MachineProfile:
     """Measure disk bandwidth (on this model's file), compute per type and per-layer overhead; cache it."""
     types = sorted({t.ggml_type.name for t in mf.tensors.values() if len(t.shape) > 1})
+    n_threads = threads or os.cpu_count() or 1
     if progress:
         progress("disk")
-    disk = measure_disk(mf.path, seconds=max(1.0, seconds * 0.4), chunk=streamed_read_bytes(mf))
+    # alone, and (with cores to share) beside compute on every thread and on one fewer, in turns
+    settings = [0, n_threads - 1, n_threads] if n_threads > 1 else [0]
+    read_rates = measure_disk(mf.path, main_weight_type(mf), settings, seconds=max(1.5, seconds * 0.8),
+                              chunk=streamed_read_bytes(mf))
     if progress:
         progress("compute")
     rates = measure_compute(types, threads, seconds_each=max(0.1, seconds * 0.5 / max(1, len(types))))
-    n_threads = threads or os.cpu_count() or 1
     fewer: dict[str, float] = {}
-    beside = beside_fewer = 0.0
     if n_threads > 1:
-        if progress:
-            progress("reads beside compute")
-        main_type = max(types, key=lambda t: sum(i.nbytes for i in mf.tensors.values() if i.ggml_type.name == t))
-        rates_beside = measure_disk_beside_compute(mf.path, main_type, [0, n_threads - 1, n_threads],
-                                                   seconds=max(1.5, seconds * 0.6), chunk=streamed_read_bytes(mf))
-        # as ratios to the rate alone, measured in the same turns, applied to the disk figure above
-        beside = disk * rates_beside[n_threads] / rates_beside[0]
-        beside_fewer = disk * rates_beside[n_threads - 1] / rates_beside[0]
         fewer = measure_compute(types, n_threads - 1, seconds_each=max(0.1, seconds * 0.3 / max(1, len(types))))
         from pagellm import kernels
 
         kernels.set_num_threads(n_threads)
     overhead = measure_layer_overhead(mf)
     profile = MachineProfile.load_or_default()
-    profile.disk_bytes_per_s = disk
-    profile.disk_bytes_per_s_beside_compute = beside
-    profile.disk_bytes_per_s_beside_one_fewer = beside_fewer
+    profile.disk_bytes_per_s = read_rates[0]
+    profile.disk_bytes_per_s_beside_compute = read_rates.get(n_threads, 0.0) if n_threads > 1 else 0.0
+    profile.disk_bytes_per_s_beside_one_fewer = read_rates.get(n_threads - 1, 0.0) if n_threads > 1 else 0.0
     profile.fresh_page_bytes_per_s = measure_fresh_pages()
     profile.compute_bytes_per_s.update(rates)
     profile.compute_bytes_per_s_one_fewer.update(fewer)
@@ -600,15 +595,9 @@ def fresh_bytes_per_sweep(
     def reserve(u: str, prefetching: bool, in_use: str | None) -> bool:
         need = units[u]
         idle = [v for v in held if v not in placement.pinned and v != in_use]
-        if prefetching:
-            idle = [v for v in idle if v not in keep and distance(v) > distance(u)]
-        if replacement == "lru":
-            idle.sort(key=lambda v: last_use.get(v, 0))
-        else:
-            idle.sort(key=lambda v: (v in keep, -distance(v)))
         room = budget - sum(held.values())
         chosen = []
-        for v in idle:
+        for v in victim_order(idle, keep, distance, last_use, replacement, u if prefetching else None):
             if room >= need:
                 break
             chosen.append(v)
@@ -616,8 +605,8 @@ def fresh_bytes_per_sweep(
         if room < need:
             return False
         sizes = [held.pop(v) for v in chosen]
-        new = 0 if need in sizes else need - max(sizes) if sizes and max(sizes) < need else 0 if sizes else need
-        fresh[u] = fresh.get(u, 0) + new
+        pick = reuse_choice(need, sizes)
+        fresh[u] = fresh.get(u, 0) + (need if pick is None else max(0, need - sizes[pick]))
         held[u] = need
         return True
 
@@ -657,9 +646,9 @@ def simulate_step(
     As the pager does: with read-ahead (``prefetch_n_ahead`` > 0) the reader reads the streamed
     units one after another, each as soon as its window slot is free, that is once the unit
     ``window_slots`` streamed units earlier has been computed; acquiring a unit waits for its read.
-    With no read-ahead a streamed unit is read when compute reaches it. Three steps are simulated and the middle one timed, so its first reads overlap
-    the previous step's tail and its last units compute beside the next step's reads, as in
-    steady decoding.
+    With no read-ahead a streamed unit is read when compute reaches it. Three steps are simulated
+    and the middle one timed, so its first reads overlap the previous step's tail and its last
+    units compute beside the next step's reads, as in steady decoding.
     """
     seq = list(order) * 3
     positions = [i for i, u in enumerate(seq) if u in streamed]
