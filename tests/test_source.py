@@ -56,8 +56,20 @@ def test_unknown_mode():
         FileSource(PATH, "fast")
 
 
+def test_buffer_capacity_is_whole_pages_and_whole_huge_pages_from_one_up():
+    from pagellm.offload.source import HUGE_PAGE, HUGE_PAGES, PAGE, buffer_capacity
+
+    assert buffer_capacity(1) == PAGE and buffer_capacity(PAGE + 1) == 2 * PAGE
+    assert buffer_capacity(HUGE_PAGE - 1) == HUGE_PAGE  # under one huge page: whole small pages
+    big = 9 * (1 << 20) + 12345
+    expected = 10 << 20 if HUGE_PAGES else -(-big // PAGE) * PAGE
+    assert buffer_capacity(big) == expected
+    buf = allocate_buffer(big)
+    assert buf.nbytes == expected  # the buffer is exactly what the pager counts
+
+
 def test_remap_buffer_resizes_aligned_and_refuses_while_a_view_lives():
-    from pagellm.offload.source import HUGE_PAGE, buffer_mapping, remap_buffer
+    from pagellm.offload.source import HUGE_PAGE, buffer_capacity, buffer_mapping, remap_buffer
 
     def address(a):
         return a.__array_interface__["data"][0]
@@ -75,7 +87,7 @@ def test_remap_buffer_resizes_aligned_and_refuses_while_a_view_lives():
     mapping = buffer_mapping(small)
     del small
     large = remap_buffer(mapping, (12 << 20) + 4096)
-    assert large.nbytes == (12 << 20) + 4096 and address(large) % HUGE_PAGE == 0
+    assert large.nbytes == buffer_capacity((12 << 20) + 4096) and address(large) % HUGE_PAGE == 0
     large[:] = 1  # every byte of it is writable memory
     assert buffer_mapping(np.zeros(4)) is None
     small_buffer = allocate_buffer(1000)

@@ -27,7 +27,7 @@ from gguf import GGML_QUANT_SIZES
 from pagellm.modelfile import GLOBALS, OUTPUT_HEAD, TOKEN_EMBEDDING, ModelFile
 from pagellm.offload.planner import Placement, place, reuse_choice, victim_order
 from pagellm.offload.policy import AnyPolicy, PinnedHotSet, format_size
-from pagellm.offload.source import PAGE, FileSource, allocate_buffer, buffer_mapping, remap_buffer
+from pagellm.offload.source import FileSource, allocate_buffer, buffer_capacity, buffer_mapping, remap_buffer
 
 ABSENT, LOADING, RESIDENT = 0, 1, 2
 REPLACEMENTS = ("auto", "lru")
@@ -66,7 +66,7 @@ class Unit:
     extents: tuple[Extent, ...]
     slices: tuple[TensorSlice, ...]
     nbytes: int  # payload bytes (what the model needs)
-    capacity: int  # buffer bytes (aligned spans, whole pages): what residency costs
+    capacity: int  # buffer bytes (aligned spans; whole pages, whole huge pages from 2 MiB up): what residency costs
 
     def slice_of(self, tensor: str) -> TensorSlice:
         """The slice of ``tensor`` this unit holds."""
@@ -113,7 +113,7 @@ def _build_unit(mf: ModelFile, name: str, group: str, pieces: list[tuple[str, in
         for tensor, offset, nbytes, row_start, row_end in run:
             slices.append(TensorSlice(tensor, at + offset - a_start, nbytes, row_start, row_end))
         at += a_end - a_start
-    capacity = max(PAGE, -(-at // PAGE) * PAGE)
+    capacity = buffer_capacity(at)
     return Unit(name, group, tuple(extents), tuple(slices), sum(p[2] for p in pieces), capacity)
 
 

@@ -43,13 +43,39 @@ class SourceError(OSError):
         self.errno = cause_errno
 
 
+def _huge_pages_usable() -> bool:
+    """Whether anonymous mappings that ask for transparent huge pages (MADV_HUGEPAGE) get them."""
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        return False
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+HUGE_PAGES = _huge_pages_usable()
+
+
+def buffer_capacity(nbytes: int) -> int:
+    """The bytes a buffer for ``nbytes`` takes: whole pages, and from one huge page up whole huge pages.
+
+    O_DIRECT pins the destination's pages, and a buffer ending inside a huge page has its tail on
+    4 KiB pages: the last 1.6 MiB of a 9.6 MiB read took 2.9 ms there against 0.8 ms when the
+    buffer ran on to the next 2 MiB boundary (reads of 10 MB units at 1.2-1.5 GB/s instead of
+    2+). The whole last huge page is faulted in by the read, so the process holds the rounded size.
+    """
+    granule = HUGE_PAGE if HUGE_PAGES and nbytes >= HUGE_PAGE else PAGE
+    return max(PAGE, -(-nbytes // granule) * granule)
+
+
 def allocate_buffer(nbytes: int) -> np.ndarray:
-    """A page-aligned, zero-filled uint8 array backed by its own anonymous mapping.
+    """A page-aligned, zero-filled uint8 array of ``buffer_capacity(nbytes)`` bytes, backed by its own anonymous mapping.
 
     Its pages return to the OS as soon as the last reference to it goes, so a buffer the
     pager drops is memory the process no longer holds.
     """
-    size = max(PAGE, -(-nbytes // PAGE) * PAGE)
+    size = buffer_capacity(nbytes)
     pad = HUGE_PAGE if size >= HUGE_PAGE else 0
     mapping = mmap.mmap(-1, size + pad, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return _huge_page_view(mapping, size)
@@ -96,7 +122,7 @@ def remap_buffer(mapping: mmap.mmap, nbytes: int) -> np.ndarray | None:
     it; the caller must drop its own first) or where the platform cannot remap: the caller then
     allocates anew.
     """
-    size = max(PAGE, -(-nbytes // PAGE) * PAGE)
+    size = buffer_capacity(nbytes)
     try:
         mapping.resize(size + (HUGE_PAGE if size >= HUGE_PAGE else 0))  # may move: room to align
         return _huge_page_view(mapping, size)
