@@ -147,6 +147,7 @@ def test_stop_string_ends_generation_without_emitting_it():
 
 def test_leaving_a_core_to_reads_keeps_the_tokens():
     from pagellm import kernels
+    from pagellm.offload.cpus import available_cpus
     from pagellm.offload.planner import MachineProfile
 
     name = "synth-llama-Q8_0"
@@ -162,8 +163,14 @@ def test_leaving_a_core_to_reads_keeps_the_tokens():
     eng = InferenceEngine(cfg).load_model()
     try:
         assert eng.plan.compute_threads == 1 and eng.model.compute_threads == 1
+        cpus = available_cpus()
+        if len(cpus) >= 2:  # the reader gets a CPU of its own and the forward pass keeps off it
+            assert eng.weights.reader_cpus and eng.model.compute_cpus
+            assert not eng.weights.reader_cpus & eng.model.compute_cpus
+            assert eng.weights.reader_cpus | eng.model.compute_cpus == cpus
         gen = eng.generate(meta["prompt_tokens"], 16, sampler=GREEDY)
         assert gen.token_ids == reference.token_ids
         assert gen.stats.bytes_read > 0 and kernels.get_num_threads() == 2  # restored after each pass
+        assert available_cpus() == cpus  # and the calling thread may run anywhere again
     finally:
         eng.close()

@@ -161,7 +161,7 @@ def test_plan_leaves_a_core_to_reads_only_where_reads_suffer_beside_compute():
         mf, policy, MachineProfile(disk_bytes_per_s=1.2e9, **{**rates, "compute_bytes_per_s_one_fewer": {}})
     ).predicted_tokens_per_s
     assert coupled.floor_seconds_per_token == separate.floor_seconds_per_token
-    assert any("one core left to the reads" in line for line in coupled.lines())
+    assert any("one core left to the reader" in line for line in coupled.lines())
     assert plan_offload(mf, NoOffload(), MachineProfile(disk_bytes_per_s_beside_compute=1e8, **rates)).compute_threads is None
 
 

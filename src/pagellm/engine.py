@@ -14,6 +14,7 @@ from pagellm import kernels
 from pagellm.modelfile import ModelFile, ModelFileError
 from pagellm.models import LlamaModel, ModelArgs
 from pagellm.models.config import check_tokenizer_metadata
+from pagellm.offload.cpus import available_cpus, split_for_reader
 from pagellm.offload.monitor import PressureConfig, PressureMonitor
 from pagellm.offload.pager import LayerPager, PagerError, PagerStats, ResidentStore
 from pagellm.offload.planner import MachineProfile, Plan, auto_budget, plan_offload
@@ -232,8 +233,14 @@ class InferenceEngine:
             # at 5 ms, 3.0-3.2 at 0.5 ms). Process-wide, so only lowered, never raised.
             sys.setswitchinterval(min(sys.getswitchinterval(), READER_SWITCH_INTERVAL_S))
         if self.plan.compute_threads and not isinstance(self.weights, ResidentStore):
-            # the plan found reads slow beside compute on every thread: leave them a core
+            # The plan found reads slow beside compute on every thread: leave them a core, and keep
+            # the reader on it and the forward pass off it (offload.cpus says why both).
             self.model.compute_threads = max(1, kernels.get_num_threads() - 1)
+            split = split_for_reader(available_cpus())
+            if split is not None:
+                self.model.compute_cpus, reader_cpus = split
+                self.model.compute_threads = min(self.model.compute_threads, len(self.model.compute_cpus))
+                self.weights.set_reader_cpus(reader_cpus)
         self.cache = self.model.new_cache(n_ctx)
         return self
 

@@ -11,6 +11,7 @@ from pagellm import kernels
 from pagellm.kv_cache import KVCache
 from pagellm.modelfile import GLOBALS, OUTPUT_HEAD, TOKEN_EMBEDDING, ModelFile, TensorInfo
 from pagellm.models.config import ModelArgs
+from pagellm.offload.cpus import pinned
 from pagellm.offload.pager import LayerPager
 
 
@@ -59,6 +60,8 @@ class LlamaModel:
         # whole pass: switching thread counts per mat-vec wakes and idles the pool's other workers,
         # which spin meanwhile (decode measured 2.4 tokens/s so, 3.1 on one thread throughout).
         self.compute_threads: int | None = None
+        # The CPUs the pass runs on while a core is left to the reader (None: any); see offload.cpus.
+        self.compute_cpus: frozenset[int] | None = None
         half = args.n_rot // 2
         self.inv_freq = args.rope_base ** (-np.arange(half, dtype=np.float64) * 2.0 / args.n_rot)
 
@@ -88,7 +91,7 @@ class LlamaModel:
                 raise ValueError(f"{cache.n_tokens + n} positions do not fit the context of {cache.n_ctx}")
             segments.append(Segment(cache, cache.n_tokens, row, row + n))
             row += n
-        with kernels.threads_limited(self.compute_threads):
+        with kernels.threads_limited(self.compute_threads), pinned(self.compute_cpus):
             return self._forward_segments(batch, segments, all_logits)
 
     def _forward_segments(self, batch: Sequence[tuple[np.ndarray, KVCache]], segments: list["Segment"],

@@ -19,12 +19,13 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Sequence
+from typing import Collection, Iterator, Mapping, Sequence
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES
 
 from pagellm.modelfile import GLOBALS, OUTPUT_HEAD, TOKEN_EMBEDDING, ModelFile
+from pagellm.offload.cpus import pin_thread
 from pagellm.offload.planner import Placement, place, reuse_choice, victim_order
 from pagellm.offload.policy import AnyPolicy, PinnedHotSet, format_size
 from pagellm.offload.source import FileSource, allocate_buffer, buffer_capacity, buffer_mapping, remap_buffer
@@ -295,6 +296,7 @@ class LayerPager:
         self._queued: set[str] = set()
         self._closed = False
         self._reader: threading.Thread | None = None
+        self._reader_cpus: frozenset[int] | None = None
         self._check_budget_fits()
         self.placement = self._place()
         self._load_pinned()
@@ -653,6 +655,19 @@ class LayerPager:
 
     # -- prefetch ------------------------------------------------------------------------
 
+    def set_reader_cpus(self, cpus: Collection[int] | None) -> None:
+        """Run the background reader on ``cpus`` (None: wherever the scheduler puts it), now or once it starts."""
+        with self._cond:
+            self._reader_cpus = frozenset(cpus) if cpus else None
+            reader = self._reader
+        if reader is not None and reader.native_id is not None and self._reader_cpus:
+            pin_thread(reader.native_id, self._reader_cpus)
+
+    @property
+    def reader_cpus(self) -> frozenset[int] | None:
+        """The CPUs the reader is kept on (None: not pinned)."""
+        return self._reader_cpus
+
     def prefetch(self, names: Sequence[str]) -> None:
         """Ask the background reader to bring these units in, within the budget (skipped if no room)."""
         names = [n for name in names for n in self._parts(name) or [name]]
@@ -698,6 +713,10 @@ class LayerPager:
         sweep that streams, the disk then never idles between the unit in use and the next.
         A queued request always goes first; the read-ahead is dropped once the sweep reaches it.
         """
+        with self._cond:
+            cpus = self._reader_cpus
+        if cpus:
+            pin_thread(0, cpus)
         ahead: str | None = None
         while True:
             with self._cond:

@@ -24,6 +24,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from gguf import GGMLQuantizationType
 
+from pagellm.offload.cpus import available_cpus, pin_thread, pinned, split_for_reader
 from pagellm.modelfile import TOKEN_EMBEDDING, ModelFile
 from pagellm.offload.policy import AnyPolicy, PinnedHotSet, format_size
 
@@ -260,6 +261,14 @@ def measure_disk(path: str | os.PathLike[str], ggml_type: str | None = None, thr
     from pagellm.synth import random_weights
 
     settings = list(dict.fromkeys(int(t) for t in threads))
+    # Beside compute on fewer threads than CPUs, the engine keeps the reader on a core of its own
+    # and the compute off it (offload.cpus): measure that arrangement.
+    cpus = available_cpus()
+    split = split_for_reader(cpus)
+
+    def leaves_core(k: int) -> bool:
+        return split is not None and 0 < k < len(cpus)
+
     wanted = [0]  # the setting the compute thread is asked for (threads; 0 idle; -1 end)
     running = [0]  # the setting it is in
     changed = threading.Condition()
@@ -282,6 +291,7 @@ def measure_disk(path: str | os.PathLike[str], ggml_type: str | None = None, thr
                 changed.notify_all()
             if k < 0:
                 return
+            pin_thread(0, split[0] if leaves_core(k) and split else cpus)
             kernels.set_num_threads(k)
             kernels.matvec(copies[n % len(copies)], qtype, cols, x)
             n += 1
@@ -327,12 +337,14 @@ def measure_disk(path: str | os.PathLike[str], ggml_type: str | None = None, thr
             slice_s = 0.4
             for k in settings:  # the untimed pass
                 switch(k)
-                read_for(slice_s / 2)
+                with pinned(split[1] if leaves_core(k) and split else None):
+                    read_for(slice_s / 2)
             deadline = time.perf_counter() + seconds
             while time.perf_counter() < deadline or any(t[1] == 0 for t in totals.values()):
                 for k in settings:
                     switch(k)
-                    done, spent = read_for(slice_s)
+                    with pinned(split[1] if leaves_core(k) and split else None):
+                        done, spent = read_for(slice_s)
                     totals[k][0] += done
                     totals[k][1] += spent
     finally:
@@ -528,7 +540,7 @@ class Plan:
             f"compute {self.compute_seconds_per_token * 1e3:.1f} ms/token, reads {self.read_seconds_per_token * 1e3:.1f} ms/token, "
             f"stall {self.predicted_stall_seconds_per_token * 1e3:.1f} ms/token",
             "compute threads: "
-            + (f"{self.compute_threads} (one core left to the reads, which ran at "
+            + (f"{self.compute_threads} (one core left to the reader, kept on a CPU of its own; reads ran at "
                f"{prof.read_rate_beside_compute() / 1e9:.2f} GB/s beside compute on every thread)"
                if self.compute_threads else "all"),
             f"predicted {self.predicted_tokens_per_s:.2f} tokens/s; floor {1 / self.floor_seconds_per_token:.2f} tokens/s "
