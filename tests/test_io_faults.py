@@ -113,7 +113,7 @@ def assert_consistent(pager: LayerPager) -> None:
         entries = list(pager._entries.values())
         assert all(e.state != LOADING for e in entries)
         assert all(e.refs == 0 and not e.holders for e in entries)
-        resident = sum(e.unit.capacity for e in entries if e.state == RESIDENT)
+        resident = sum(e.buffer.nbytes for e in entries if e.state == RESIDENT)  # the buffers themselves
         assert pager.resident_bytes == resident == pager.stats.resident_bytes
         assert pager.resident_bytes <= pager.budget_bytes
         assert all(e.buffer is None for e in entries if e.state != RESIDENT)

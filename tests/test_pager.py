@@ -335,6 +335,6 @@ def test_reader_reads_ahead_along_the_sweep_once_per_unit():
         assert s.prefetches_used > s.misses
         assert not any(s.reads_by_unit[u] for u in pager.placement.resident if s.reads_by_unit[u] > 1)
         # every load went into pages mapped anew or into a victim's: the two counts add up to the loads
-        capacity = {u: pager.unit(u).capacity for u in pager.units}
+        capacity = {u: pager.buffer_bytes(u) for u in pager.units}
         assert s.fresh_buffer_bytes + s.reused_buffer_bytes == sum(capacity[u] * n for u, n in s.reads_by_unit.items())
         assert s.reused_buffer_bytes > 0

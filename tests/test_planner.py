@@ -26,6 +26,20 @@ def test_placement_fills_budget_after_pins_and_window_evenly():
     assert max(b - a for a, b in zip(gaps, gaps[1:])) <= 3  # spread over the sweep, not bunched
 
 
+def test_streamed_units_cost_their_streamed_size_and_kept_units_their_kept_size():
+    from pagellm.offload.planner import role_capacities
+
+    streamed_sizes = {u: size + 20 for u, size in SIZES.items()}  # whole huge pages when streamed
+    p = place(SIZES, ORDER, 751, pinned_units=["output"], prefetch_n_ahead=1, embedding_units=["token_embd"],
+              stream_units=streamed_sizes)
+    assert p.window_bytes == 240  # the window is counted at the streamed size
+    resident_bytes = sum(SIZES[u] for u in p.resident)  # the resident set at the kept size
+    assert resident_bytes <= 751 - 100 - 240 and resident_bytes + 100 > 751 - 100 - 240
+    roles = role_capacities(SIZES, streamed_sizes, p)
+    assert all(roles[u] == SIZES[u] for u in p.resident + p.pinned)
+    assert all(roles[u] == streamed_sizes[u] for u in p.streamed) and p.streamed
+
+
 def test_placement_everything_fits_or_no_budget():
     p = place(SIZES, ORDER, 10_000, [], 1, ["token_embd"])
     assert p.streamed == () and set(p.resident) == set(ORDER) and p.window_bytes == 0
@@ -122,7 +136,7 @@ def test_auto_budget_uses_the_probe():
     assert kv == 2 * 4 * 512 * 2 * 32 * 2
     probe = FakeMemoryProbe(available_bytes=300 * MiB)
     units = LayerPager.describe(mf, PinnedHotSet(1), 4096)[0]
-    assert auto_budget(mf, 512, probe) == min(300 * MiB - kv - 256 * MiB, sum(u.capacity for u in units))
+    assert auto_budget(mf, 512, probe) == min(300 * MiB - kv - 256 * MiB, sum(u.resident_capacity for u in units))
     probe.set_available(275 * MiB)
     assert auto_budget(mf, 512, probe) == 275 * MiB - kv - 256 * MiB
     probe.set_available(260 * MiB)
@@ -185,14 +199,15 @@ def test_fresh_page_replay_arithmetic():
 
 
 def test_fresh_page_replay_matches_the_pager():
-    from pagellm.offload.planner import fresh_bytes_per_sweep
+    from pagellm.offload.planner import fresh_bytes_per_sweep, role_capacities
 
     mf = ModelFile.open(SYNTH)
     for replacement in ("auto", "lru"):
         policy = Budget(int(0.4 * mf.weight_bytes))
         plan = plan_offload(mf, policy, MachineProfile(disk_bytes_per_s=1e9), replacement=replacement)
         units, order, _, prefetch = LayerPager.describe(mf, policy, 4096)
-        capacity = {u.name: u.capacity for u in units}
+        capacity = role_capacities({u.name: u.resident_capacity for u in units}, {u.name: u.capacity for u in units},
+                                   plan.placement)
         predicted = sum(fresh_bytes_per_sweep(capacity, order, plan.placement, prefetch, replacement).values())
         with LayerPager.build(mf, policy, replacement=replacement) as pager:
             for sweep in range(6):

@@ -56,16 +56,20 @@ def test_unknown_mode():
         FileSource(PATH, "fast")
 
 
-def test_buffer_capacity_is_whole_pages_and_whole_huge_pages_from_one_up():
+def test_buffer_capacity_is_whole_pages_run_on_to_a_huge_page_where_the_tail_is_large():
     from pagellm.offload.source import HUGE_PAGE, HUGE_PAGES, PAGE, buffer_capacity
+
+    def pages(n):
+        return -(-n // PAGE) * PAGE
 
     assert buffer_capacity(1) == PAGE and buffer_capacity(PAGE + 1) == 2 * PAGE
     assert buffer_capacity(HUGE_PAGE - 1) == HUGE_PAGE  # under one huge page: whole small pages
-    big = 9 * (1 << 20) + 12345
-    expected = 10 << 20 if HUGE_PAGES else -(-big // PAGE) * PAGE
-    assert buffer_capacity(big) == expected
-    buf = allocate_buffer(big)
-    assert buf.nbytes == expected  # the buffer is exactly what the pager counts
+    long_tail = 9 * (1 << 20) + 12345  # 1 MiB + 12345 past a boundary: rounded up
+    assert buffer_capacity(long_tail) == (10 << 20 if HUGE_PAGES else pages(long_tail))
+    short_tail = (36 << 20) + 16384  # a few pages past a boundary: left on small pages
+    assert buffer_capacity(short_tail) == pages(short_tail)
+    for n in (long_tail, short_tail):
+        assert allocate_buffer(n).nbytes == buffer_capacity(n)  # the buffer is exactly what the pager counts
 
 
 def test_remap_buffer_resizes_aligned_and_refuses_while_a_view_lives():

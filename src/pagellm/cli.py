@@ -991,7 +991,7 @@ def _demo_budget(path: Path, share: float) -> int:
 
     mf = ModelFile.open(path)
     units, _, pinned, _ = LayerPager.describe(mf, PinnedHotSet(mf.weight_bytes), 4096)
-    pinned_bytes = sum(u.capacity for u in units if u.name in pinned)
+    pinned_bytes = sum(u.resident_capacity for u in units if u.name in pinned)
     largest = max((u.capacity for u in units if u.name not in pinned), default=0)
     return max(int(mf.weight_bytes * share), pinned_bytes + 2 * largest)
 

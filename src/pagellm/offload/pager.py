@@ -26,9 +26,9 @@ from gguf import GGML_QUANT_SIZES
 
 from pagellm.modelfile import GLOBALS, OUTPUT_HEAD, TOKEN_EMBEDDING, ModelFile
 from pagellm.offload.cpus import pin_thread
-from pagellm.offload.planner import Placement, place, reuse_choice, victim_order
+from pagellm.offload.planner import Placement, place, reuse_choice, role_capacities, victim_order
 from pagellm.offload.policy import AnyPolicy, PinnedHotSet, format_size
-from pagellm.offload.source import FileSource, allocate_buffer, buffer_capacity, buffer_mapping, remap_buffer
+from pagellm.offload.source import PAGE, FileSource, allocate_buffer, buffer_capacity, buffer_mapping, remap_buffer
 
 ABSENT, LOADING, RESIDENT = 0, 1, 2
 REPLACEMENTS = ("auto", "lru")
@@ -67,7 +67,8 @@ class Unit:
     extents: tuple[Extent, ...]
     slices: tuple[TensorSlice, ...]
     nbytes: int  # payload bytes (what the model needs)
-    capacity: int  # buffer bytes (aligned spans; whole pages, whole huge pages from 2 MiB up): what residency costs
+    capacity: int  # buffer bytes when streamed (aligned spans, whole pages, see buffer_capacity)
+    resident_capacity: int  # buffer bytes when kept (whole pages only: read once, read speed hardly matters)
 
     def slice_of(self, tensor: str) -> TensorSlice:
         """The slice of ``tensor`` this unit holds."""
@@ -114,8 +115,8 @@ def _build_unit(mf: ModelFile, name: str, group: str, pieces: list[tuple[str, in
         for tensor, offset, nbytes, row_start, row_end in run:
             slices.append(TensorSlice(tensor, at + offset - a_start, nbytes, row_start, row_end))
         at += a_end - a_start
-    capacity = buffer_capacity(at)
-    return Unit(name, group, tuple(extents), tuple(slices), sum(p[2] for p in pieces), capacity)
+    return Unit(name, group, tuple(extents), tuple(slices), sum(p[2] for p in pieces), buffer_capacity(at),
+                max(PAGE, -(-at // PAGE) * PAGE))
 
 
 BLOCK_PARTS = ("attn", "ffn")  # the order the forward pass uses them in
@@ -244,7 +245,8 @@ class PagerStats:
 
 
 class _Entry:
-    __slots__ = ("unit", "state", "refs", "holders", "pinned", "buffer", "views", "prefetched", "last_use", "waiters")
+    __slots__ = ("unit", "state", "refs", "holders", "pinned", "buffer", "views", "prefetched", "last_use", "waiters",
+                 "held")
 
     def __init__(self, unit: Unit, pinned: bool):
         self.unit = unit
@@ -257,6 +259,7 @@ class _Entry:
         self.prefetched = False
         self.last_use = 0
         self.waiters = 0  # threads waiting in acquire for its read to finish: not a victim meanwhile
+        self.held = 0  # buffer bytes reserved for it (counted in the budget) while loading or resident
 
 
 class LayerPager:
@@ -349,10 +352,14 @@ class LayerPager:
 
     def _place(self) -> Placement:
         """The planner's placement for the current budget (LRU, for comparison, keeps no resident set)."""
-        capacities = {n: e.unit.capacity for n, e in self._entries.items()}
+        kept = {n: e.unit.resident_capacity for n, e in self._entries.items()}
+        streamed = {n: e.unit.capacity for n, e in self._entries.items()}
         pinned = [n for n, e in self._entries.items() if e.pinned]
         embedding = [u.name for u in self._units_by_group.get(TOKEN_EMBEDDING, [])]
-        return place(capacities, self.sweep_order, self._budget, pinned, self.prefetch_n_ahead, embedding, self.replacement)
+        placement = place(kept, self.sweep_order, self._budget, pinned, self.prefetch_n_ahead, embedding,
+                          self.replacement, stream_units=streamed)
+        self._capacity = role_capacities(kept, streamed, placement)
+        return placement
 
     def _load_pinned(self) -> None:
         for entry in self._entries.values():
@@ -373,7 +380,7 @@ class LayerPager:
     @property
     def pinned_bytes(self) -> int:
         """Buffer bytes of the pinned units."""
-        return sum(e.unit.capacity for e in self._entries.values() if e.pinned)
+        return sum(e.unit.resident_capacity for e in self._entries.values() if e.pinned)
 
     @property
     def resident_bytes(self) -> int:
@@ -393,6 +400,10 @@ class LayerPager:
     def unit(self, name: str) -> Unit:
         """The unit called ``name``."""
         return self._entry(name).unit
+
+    def buffer_bytes(self, name: str) -> int:
+        """Bytes a buffer for unit ``name`` takes under the placement in force (kept or streamed size)."""
+        return self._capacity[self._entry(name).unit.name]
 
     def units_of(self, group: str) -> list[str]:
         """Unit names of a model-file group, in row order."""
@@ -529,7 +540,7 @@ class LayerPager:
             return
         held = [e.unit.name for e in self._entries.values() if e.refs and not e.pinned]
         raise PagerError(
-            f"cannot load {entry.unit.name} ({entry.unit.capacity} B): budget {self._budget} B is taken by "
+            f"cannot load {entry.unit.name} ({self.buffer_bytes(entry.unit.name)} B): budget {self._budget} B is taken by "
             f"pinned {self.pinned_bytes} B and units this thread holds: {', '.join(held) or 'none'}"
         )
 
@@ -557,9 +568,10 @@ class LayerPager:
 
     def _reserve(self, entry: _Entry, for_prefetch: bool) -> np.ndarray | None:
         """Make room for ``entry`` and return its buffer, or None (evicting nothing) if impossible now."""
-        need = entry.unit.capacity
+        need = self._capacity[entry.unit.name]  # by its role in the placement: kept or streamed
         if self._budget is None or self._held_bytes + need <= self._budget:
             self._account(need)
+            entry.held = need
             self.stats.fresh_buffer_bytes += need
             return allocate_buffer(need)
         chosen, freed = [], 0
@@ -567,7 +579,7 @@ class LayerPager:
             if self._held_bytes - freed + need <= self._budget:
                 break
             chosen.append(victim)
-            freed += victim.unit.capacity
+            freed += victim.held
         if self._held_bytes - freed + need > self._budget:
             return None
         # Read into pages the process already holds where it can (reuse_choice says whose).
@@ -578,6 +590,7 @@ class LayerPager:
         for victim in chosen:
             self._evict(victim)  # drops the pager's arrays over the victims' pages
         self._account(need)
+        entry.held = need
         if donor is not None and donor.nbytes == need:
             self.stats.reused_buffer_bytes += need
             return donor
@@ -597,7 +610,8 @@ class LayerPager:
         entry.buffer = None
         entry.views = {}
         entry.prefetched = False
-        self._held_bytes -= entry.unit.capacity
+        self._held_bytes -= entry.held
+        entry.held = 0
         self.stats.resident_bytes = self._held_bytes
         self.stats.evictions += 1
 
@@ -635,7 +649,8 @@ class LayerPager:
         except BaseException:
             with self._cond:
                 entry.state = ABSENT
-                self._held_bytes -= entry.unit.capacity
+                self._held_bytes -= entry.held
+                entry.held = 0
                 self.stats.resident_bytes = self._held_bytes
                 self._cond.notify_all()
             raise

@@ -60,8 +60,12 @@ def place(
     prefetch_n_ahead: int,
     embedding_units: Sequence[str] = (),
     replacement: str = "auto",
+    stream_units: Mapping[str, int] | None = None,
 ) -> Placement:
-    """Choose the placement; ``units`` maps unit name -> buffer bytes (capacity).
+    """Choose the placement; ``units`` maps unit name -> buffer bytes kept, ``stream_units`` -> bytes streamed.
+
+    A streamed unit's buffer may be larger than a kept one's (whole huge pages, for read speed:
+    ``source.buffer_capacity``); by default the two are the same.
 
     With ``replacement="lru"`` (for comparison) nothing stays resident once the sweep is larger
     than the budget: LRU evicts exactly the unit the sweep needs next, so every unpinned unit streams.
@@ -71,6 +75,7 @@ def place(
     is estimated from all candidates, the resident set chosen, and the window checked against the
     streamed units that result, growing it (a few rounds, then the worst case) until it holds.
     """
+    streaming = units if stream_units is None else stream_units
     pinned = tuple(u for u in units if u in set(pinned_units))
     in_sweep = set(sweep_order)
     row_read = tuple(u for u in embedding_units if u not in pinned and u not in in_sweep)
@@ -80,16 +85,16 @@ def place(
     free = budget_bytes - sum(units[u] for u in pinned)
     if sum(units[u] for u in candidates) <= free:
         return Placement(pinned, tuple(candidates), (), row_read, 0, budget_bytes)
-    largest = max(units[u] for u in candidates)
+    largest = max(streaming[u] for u in candidates)
     # One unit in use plus the read-ahead, fewer if the budget cannot hold them.
     slots = 1 + prefetch_n_ahead
-    while slots > 1 and _run_bytes(candidates, units, slots) > free:
+    while slots > 1 and _run_bytes(candidates, streaming, slots) > free:
         slots -= 1
-    window = _run_bytes(candidates, units, slots)
+    window = _run_bytes(candidates, streaming, slots)
     for attempt in range(5):
         resident = _spread(candidates, units, free - window)
         streamed = [u for u in candidates if u not in resident]
-        needed = _run_bytes(streamed, units, slots)
+        needed = _run_bytes(streamed, streaming, slots)
         if needed <= window:
             break
         window = needed if attempt < 3 else slots * largest  # the worst case always holds
@@ -97,6 +102,12 @@ def place(
         resident, streamed = set(), candidates
     return Placement(pinned, tuple(u for u in candidates if u in resident), tuple(streamed), row_read, window,
                      budget_bytes, slots)
+
+
+def role_capacities(kept: Mapping[str, int], streamed: Mapping[str, int], placement: Placement) -> dict[str, int]:
+    """Buffer bytes per unit by its role: kept (pinned, resident) units their kept size, the rest their streamed size."""
+    keep = set(placement.pinned) | set(placement.resident)
+    return {u: kept[u] if u in keep else streamed[u] for u in kept}
 
 
 def victim_order(idle: Sequence[str], keep: set[str], distance: Callable[[str], int], last_use: Mapping[str, int],
@@ -715,10 +726,12 @@ def plan_offload(
 
     profile = profile or MachineProfile.load_or_default()
     units, order, pinned, prefetch = LayerPager.describe(mf, policy, alignment)
-    capacities = {u.name: u.capacity for u in units}
+    kept = {u.name: u.resident_capacity for u in units}
+    streaming = {u.name: u.capacity for u in units}
     budget = policy.ram_budget_bytes()
-    placement = place(capacities, order, budget, pinned, prefetch, [u.name for u in units if u.group == TOKEN_EMBEDDING],
-                      replacement)
+    placement = place(kept, order, budget, pinned, prefetch, [u.name for u in units if u.group == TOKEN_EMBEDDING],
+                      replacement, stream_units=streaming)
+    capacities = role_capacities(kept, streaming, placement)  # what the pager allocates for each
     payload = {u.name: u.nbytes for u in units}
     types = {u.name: mf.tensors[max(u.slices, key=lambda s: s.nbytes).tensor].ggml_type.name for u in units}
     parts = collections.Counter(u.group for u in units)
@@ -780,8 +793,8 @@ def auto_budget(mf: ModelFile, n_ctx: int, probe=None, policy: AnyPolicy | None 
     budget = available - kv - headroom_bytes
     policy = policy or PinnedHotSet(max(budget, 1))
     units, _, pinned, _ = LayerPager.describe(mf, policy, 4096)
-    capacity = {u.name: u.capacity for u in units}
-    need = sum(capacity[u] for u in pinned) + max((c for u, c in capacity.items() if u not in pinned), default=0)
+    capacity = {u.name: u.resident_capacity for u in units}
+    need = sum(capacity[u] for u in pinned) + max((u.capacity for u in units if u.name not in pinned), default=0)
     if budget < need:
         raise ValueError(
             f"not enough free RAM for {mf.path.name}: {format_size(available)} available, minus KV cache "
