@@ -95,6 +95,22 @@ def test_simulation_arithmetic():
     assert seconds == pytest.approx(5.0) and stall == pytest.approx(1.0)
 
 
+def test_simulation_reads_ahead_into_the_room_the_budget_leaves():
+    order = ["a", "b", "c", "d"]
+    compute = {"a": 0.1, "b": 0.1, "c": 2.0, "d": 0.0}
+    reads = {"a": 1.0, "b": 1.0}
+    sizes = {"a": 10, "b": 10}
+
+    def step(slots, room=None):
+        return simulate_step(order, {"a", "b"}, reads, compute, slots, 1, sizes if room else None, room)
+
+    # room for two buffers is a window of two units, room for one (or one and a half) a window of one
+    assert step(2, room=20) == pytest.approx(step(2))
+    assert step(1, room=10) == pytest.approx(step(1)) and step(2, room=15) == pytest.approx(step(1))
+    # more room lets both reads hide behind c's compute instead of one
+    assert step(1)[0] > step(2)[0]
+
+
 def test_plan_matches_what_the_pager_does():
     mf = ModelFile.open(SYNTH)
     policy = Budget(int(0.4 * mf.weight_bytes))

@@ -663,20 +663,36 @@ def simulate_step(
     compute_s: Mapping[str, float],
     window_slots: int,
     prefetch_n_ahead: int,
+    sizes: Mapping[str, int] | None = None,
+    room: int | None = None,
 ) -> tuple[float, float]:
     """One decode step as two timelines, reader and compute. Returns (seconds, stall seconds).
 
     As the pager does: with read-ahead (``prefetch_n_ahead`` > 0) the reader reads the streamed
-    units one after another, each as soon as its window slot is free, that is once the unit
-    ``window_slots`` streamed units earlier has been computed; acquiring a unit waits for its read.
-    With no read-ahead a streamed unit is read when compute reaches it. Three steps are simulated
-    and the middle one timed, so its first reads overlap the previous step's tail and its last
-    units compute beside the next step's reads, as in steady decoding.
+    units one after another, each as soon as the window has room for it, that is once the unit
+    ``window_slots`` streamed units earlier has been computed; or, given the units' buffer
+    ``sizes`` and the ``room`` the budget leaves them (the pager reads ahead into all of it,
+    slack the resident set could not fill included), once enough earlier units have been
+    computed for its buffer to fit. Acquiring a unit waits for its read. With no read-ahead a
+    streamed unit is read when compute reaches it. Three steps are simulated and the middle one
+    timed, so its first reads overlap the previous step's tail and its last units compute beside
+    the next step's reads, as in steady decoding.
     """
     seq = list(order) * 3
     positions = [i for i, u in enumerate(seq) if u in streamed]
     rank = {pos: m for m, pos in enumerate(positions)}  # position -> index among streamed
     slots = max(1, window_slots)
+    # after[m]: the streamed unit (index) whose computing frees room for unit m; -1 for none
+    if sizes is not None and room is not None:
+        after, first, held = [], 0, 0
+        for m, pos in enumerate(positions):
+            held += sizes[seq[pos]]
+            while held > room and first < m:
+                held -= sizes[seq[positions[first]]]
+                first += 1
+            after.append(first - 1)
+    else:
+        after = [m - slots for m in range(len(positions))]
     end = [0.0] * len(seq)
     ready: dict[int, float] = {}
     reader_free = 0.0
@@ -684,7 +700,7 @@ def simulate_step(
 
     def read(m: int, not_before: float) -> None:
         nonlocal reader_free, issued
-        earlier = positions[m - slots] if m >= slots else None
+        earlier = positions[after[m]] if after[m] >= 0 else None
         slot_free = end[earlier] if earlier is not None else 0.0
         start = max(reader_free, not_before, slot_free)
         reader_free = ready[positions[m]] = start + read_s[seq[positions[m]]]
@@ -697,7 +713,7 @@ def simulate_step(
         if i == 2 * len(order):
             return clock - step_start, stall
         if prefetch_n_ahead > 0:  # read ahead every unit whose slot the units computed so far freed
-            while issued < len(positions) and (issued < slots or positions[issued - slots] < i):
+            while issued < len(positions) and (after[issued] < 0 or positions[after[issued]] < i):
                 read(issued, 0.0)
         start = clock
         if u in streamed:
@@ -754,14 +770,20 @@ def plan_offload(
     options: list[tuple[float, float, float, int | None]] = []
     # reads into pages mapped anew wait for the kernel to zero them
     fresh = fresh_bytes_per_sweep(capacities, order, placement, prefetch, replacement) if streamed else {}
+    # the room streamed units read ahead into: the budget less what is kept (slack included)
+    room = (budget - sum(capacities[u] for u in placement.pinned + placement.resident)
+            if budget is not None and prefetch > 0 else None)
     fresh_s = {u: fresh.get(u, 0) / profile.fresh_page_bytes_per_s for u in order}
     for fewer in (False, True) if streamed and threads > 1 and profile.compute_bytes_per_s_one_fewer else (False,):
         disk = profile.read_rate_beside_compute(fewer)
         read_s = {u: payload[u] / disk + fresh_s[u] for u in order}
-        seconds, stall = simulate_step(order, streamed, read_s, compute_seconds(fewer), slots, min(prefetch, slots - 1))
+        seconds, stall = simulate_step(order, streamed, read_s, compute_seconds(fewer), slots, min(prefetch, slots - 1),
+                                       capacities, room)
         options.append((seconds, stall, bytes_per_token / disk, threads - 1 if fewer else None))
     if streamed:
-        seconds, stall, reads, compute_threads = min(options, key=lambda o: o[0])
+        # one thread fewer only where it is clearly faster: a read-bound step times the same either way
+        best = options[0] if len(options) == 1 or options[1][0] >= 0.99 * options[0][0] else options[1]
+        seconds, stall, reads, compute_threads = best
     else:
         seconds, stall, reads, compute_threads = compute, 0.0, bytes_per_token / profile.disk_bytes_per_s, None
     floor_bytes = max(0, mf.weight_bytes - budget) if budget is not None else 0
