@@ -218,8 +218,9 @@ def test_fresh_page_replay_matches_the_pager():
     from pagellm.offload.planner import fresh_bytes_per_sweep, role_capacities
 
     mf = ModelFile.open(SYNTH)
-    for replacement in ("auto", "lru"):
-        policy = Budget(int(0.4 * mf.weight_bytes))
+    cases = [("auto", Budget(int(0.4 * mf.weight_bytes))), ("lru", Budget(int(0.4 * mf.weight_bytes))),
+             ("auto", PinnedHotSet(int(0.5 * mf.weight_bytes), pin_embeddings=False))]
+    for replacement, policy in cases:
         plan = plan_offload(mf, policy, MachineProfile(disk_bytes_per_s=1e9), replacement=replacement)
         units, order, _, prefetch = LayerPager.describe(mf, policy, 4096)
         capacity = role_capacities({u.name: u.resident_capacity for u in units}, {u.name: u.capacity for u in units},

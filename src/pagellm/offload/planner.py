@@ -593,12 +593,20 @@ def fresh_bytes_per_sweep(
     prefetch_n_ahead: int,
     replacement: str = "auto",
     sweeps: int = 4,
+    reader_ahead: bool = True,
 ) -> dict[str, int]:
     """Bytes per streamed unit the pager must map anew (not reuse a victim's pages) in a steady sweep.
 
+    ``reader_ahead``: whether the reader runs ahead of the sweep (reads faster than compute), and
+    so reads ahead into whatever room the budget leaves; otherwise it is busy with the next
+    streamed unit and gets no further. Replayed as always ahead, TinyLlama under
+    pinned,embeddings=no at 50% (read-bound) was predicted 354 MB of new pages per token where
+    the pager mapped 28; replayed as behind, 0.
+
     A replay of the pager's rules on one thread: acquire each unit of the sweep (a miss evicts the
-    best victims), ask for the next unit not in RAM and again once the unit is released (the
-    read-ahead, which may not evict what the sweep needs sooner, nor the resident set), victims
+    best victims), ask for the next unit not in RAM (while the reader is behind, no further than
+    the next streamed one) and again once the unit is released (the read-ahead, which may not
+    evict what the sweep needs sooner, nor the resident set), victims
     best first (furthest next use; LRU: least recently used). A load takes a same-sized victim's
     buffer, else grows the largest victim's (only the difference is new), else new pages.
     """
@@ -633,9 +641,13 @@ def fresh_bytes_per_sweep(
         held[u] = need
         return True
 
+    streaming = set(placement.streamed)
+
     def next_absent(u: str) -> str | None:
         for k in range(1, len(order)):
             v = order[(index[u] + k) % len(order)]
+            if v in streaming and not reader_ahead:
+                return v if v not in held else None
             if v not in held:
                 return v
         return None
@@ -769,7 +781,10 @@ def plan_offload(
     # each with reads at the rate measured beside it; the faster wins.
     options: list[tuple[float, float, float, int | None]] = []
     # reads into pages mapped anew wait for the kernel to zero them
-    fresh = fresh_bytes_per_sweep(capacities, order, placement, prefetch, replacement) if streamed else {}
+    # whether the reader keeps ahead of compute decides how far it reads ahead, and so which victims it finds
+    ahead = sum(payload[u] for u in streamed) / profile.read_rate_beside_compute(True) < sum(compute_s.values())
+    fresh = (fresh_bytes_per_sweep(capacities, order, placement, prefetch, replacement, reader_ahead=ahead)
+             if streamed else {})
     # the room streamed units read ahead into: the budget less what is kept (slack included)
     room = (budget - sum(capacities[u] for u in placement.pinned + placement.resident)
             if budget is not None and prefetch > 0 else None)
