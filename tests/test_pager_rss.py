@@ -28,7 +28,12 @@ with LayerPager.build(mf, Budget(budget), io_mode=sys.argv[3]) as pager:
                     view[::4096].sum()  # touch every page the pager hands out
     rows = pager.read_rows("token_embd.weight", list(range(0, 32000, 997)))
     stats = pager.stats
+    # every buffer is the size the pager counts for its unit, kept and streamed units alike
+    held = {n: e.buffer.nbytes for n, e in pager._entries.items() if e.buffer is not None}
+    as_counted = all(size == pager.buffer_bytes(n) for n, size in held.items())
+    roles = {n in pager.placement.streamed for n in held}
 print(json.dumps({"weight_bytes": mf.weight_bytes, "baseline_rss": baseline, "peak_rss": peak_rss_bytes(),
+                  "buffers_as_counted": as_counted, "both_roles": roles == {True, False},
                   "pager_peak": stats.peak_resident_bytes, "bytes_read": stats.bytes_read, "io_mode": pager.io_mode}))
 """
 
@@ -52,5 +57,6 @@ def test_peak_rss_stays_within_budget_plus_overhead(big_model, io_mode, capsys):
     assert r["weight_bytes"] >= 1024 * MiB
     assert r["io_mode"] == io_mode
     assert r["pager_peak"] <= budget
+    assert r["buffers_as_counted"] and r["both_roles"]
     assert r["bytes_read"] >= 2 * (r["weight_bytes"] - budget)  # it really streamed
     assert r["peak_rss"] <= budget + 200 * MiB

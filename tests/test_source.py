@@ -68,12 +68,13 @@ def test_buffer_capacity_is_whole_pages_run_on_to_a_huge_page_where_the_tail_is_
     assert buffer_capacity(long_tail) == (10 << 20 if HUGE_PAGES else pages(long_tail))
     short_tail = (36 << 20) + 16384  # a few pages past a boundary: left on small pages
     assert buffer_capacity(short_tail) == pages(short_tail)
-    for n in (long_tail, short_tail):
-        assert allocate_buffer(n).nbytes == buffer_capacity(n)  # the buffer is exactly what the pager counts
+    for n in (long_tail, short_tail):  # a buffer is exactly the size asked for: what the pager counts
+        assert allocate_buffer(buffer_capacity(n)).nbytes == buffer_capacity(n)
+        assert allocate_buffer(n).nbytes == pages(n)
 
 
 def test_remap_buffer_resizes_aligned_and_refuses_while_a_view_lives():
-    from pagellm.offload.source import HUGE_PAGE, buffer_capacity, buffer_mapping, remap_buffer
+    from pagellm.offload.source import HUGE_PAGE, buffer_mapping, remap_buffer
 
     def address(a):
         return a.__array_interface__["data"][0]
@@ -91,7 +92,7 @@ def test_remap_buffer_resizes_aligned_and_refuses_while_a_view_lives():
     mapping = buffer_mapping(small)
     del small
     large = remap_buffer(mapping, (12 << 20) + 4096)
-    assert large.nbytes == buffer_capacity((12 << 20) + 4096) and address(large) % HUGE_PAGE == 0
+    assert large.nbytes == (12 << 20) + 4096 and address(large) % HUGE_PAGE == 0
     large[:] = 1  # every byte of it is writable memory
     assert buffer_mapping(np.zeros(4)) is None
     small_buffer = allocate_buffer(1000)

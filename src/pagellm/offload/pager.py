@@ -28,7 +28,8 @@ from pagellm.modelfile import GLOBALS, OUTPUT_HEAD, TOKEN_EMBEDDING, ModelFile
 from pagellm.offload.cpus import pin_thread
 from pagellm.offload.planner import Placement, place, reuse_choice, role_capacities, victim_order
 from pagellm.offload.policy import AnyPolicy, PinnedHotSet, format_size
-from pagellm.offload.source import PAGE, FileSource, allocate_buffer, buffer_capacity, buffer_mapping, remap_buffer
+from pagellm.offload.source import (FileSource, allocate_buffer, buffer_capacity, buffer_mapping, page_capacity,
+                                    remap_buffer)
 
 ABSENT, LOADING, RESIDENT = 0, 1, 2
 REPLACEMENTS = ("auto", "lru")
@@ -116,7 +117,7 @@ def _build_unit(mf: ModelFile, name: str, group: str, pieces: list[tuple[str, in
             slices.append(TensorSlice(tensor, at + offset - a_start, nbytes, row_start, row_end))
         at += a_end - a_start
     return Unit(name, group, tuple(extents), tuple(slices), sum(p[2] for p in pieces), buffer_capacity(at),
-                max(PAGE, -(-at // PAGE) * PAGE))
+                page_capacity(at))
 
 
 BLOCK_PARTS = ("attn", "ffn")  # the order the forward pass uses them in

@@ -57,6 +57,11 @@ def _huge_pages_usable() -> bool:
 HUGE_PAGES = _huge_pages_usable()
 
 
+def page_capacity(nbytes: int) -> int:
+    """``nbytes`` rounded up to whole pages (at least one)."""
+    return max(PAGE, -(-nbytes // PAGE) * PAGE)
+
+
 def buffer_capacity(nbytes: int) -> int:
     """The bytes a buffer for ``nbytes`` takes: whole pages, run on to a huge-page boundary where the tail is large.
 
@@ -68,7 +73,7 @@ def buffer_capacity(nbytes: int) -> int:
     such buffers are rounded up (the whole last huge page is faulted in, so the process holds the
     rounded size); a shorter tail stays on small pages (a 7B layer's 36 MiB + 16 KiB of attention).
     """
-    pages = max(PAGE, -(-nbytes // PAGE) * PAGE)
+    pages = page_capacity(nbytes)
     tail = pages % HUGE_PAGE
     if HUGE_PAGES and pages > HUGE_PAGE and tail >= HUGE_PAGE // 2:
         return pages - tail + HUGE_PAGE
@@ -76,12 +81,13 @@ def buffer_capacity(nbytes: int) -> int:
 
 
 def allocate_buffer(nbytes: int) -> np.ndarray:
-    """A page-aligned, zero-filled uint8 array of ``buffer_capacity(nbytes)`` bytes, backed by its own anonymous mapping.
+    """A page-aligned, zero-filled uint8 array of ``nbytes`` in whole pages, backed by its own anonymous mapping.
 
     Its pages return to the OS as soon as the last reference to it goes, so a buffer the
-    pager drops is memory the process no longer holds.
+    pager drops is memory the process no longer holds. The caller picks the size
+    (``buffer_capacity`` for a streamed unit): a buffer is exactly what the pager counts for it.
     """
-    size = buffer_capacity(nbytes)
+    size = page_capacity(nbytes)
     pad = HUGE_PAGE if size >= HUGE_PAGE else 0
     mapping = mmap.mmap(-1, size + pad, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return _huge_page_view(mapping, size)
@@ -128,7 +134,7 @@ def remap_buffer(mapping: mmap.mmap, nbytes: int) -> np.ndarray | None:
     it; the caller must drop its own first) or where the platform cannot remap: the caller then
     allocates anew.
     """
-    size = buffer_capacity(nbytes)
+    size = page_capacity(nbytes)
     try:
         mapping.resize(size + (HUGE_PAGE if size >= HUGE_PAGE else 0))  # may move: room to align
         return _huge_page_view(mapping, size)
