@@ -235,12 +235,13 @@ class InferenceEngine:
         if self.plan.compute_threads and not isinstance(self.weights, ResidentStore):
             # The plan found reads slow beside compute on every thread: leave them a core, and keep
             # the reader on it and the forward pass off it (offload.cpus says why both).
-            self.model.compute_threads = max(1, kernels.get_num_threads() - 1)
+            threads = kernels.get_num_threads() - 1
             split = split_for_reader(available_cpus())
             if split is not None:
                 self.model.compute_cpus, reader_cpus = split
-                self.model.compute_threads = min(self.model.compute_threads, len(self.model.compute_cpus))
+                threads = min(threads, len(self.model.compute_cpus))
                 self.weights.set_reader_cpus(reader_cpus)
+            self.model.compute_threads = max(1, threads)
         self.cache = self.model.new_cache(n_ctx)
         return self
 

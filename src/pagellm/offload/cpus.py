@@ -42,8 +42,8 @@ def pin_thread(native_id: int, cpus: Collection[int] | None) -> bool:
 @contextmanager
 def pinned(cpus: Collection[int] | None) -> Iterator[None]:
     """Run the calling thread on ``cpus`` inside the block, then back where it was (None: leave it be)."""
-    before = available_cpus()
-    if not cpus or not before or set(cpus) == before or not pin_thread(0, cpus):
+    before = available_cpus() if cpus else frozenset()  # no syscall on the unpinned path: every forward pass comes here
+    if not before or set(cpus) == before or not pin_thread(0, cpus):
         yield
         return
     try:

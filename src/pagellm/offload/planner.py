@@ -24,8 +24,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from pagellm.offload.cpus import available_cpus, pin_thread, pinned, split_for_reader
 from pagellm.modelfile import TOKEN_EMBEDDING, ModelFile
+from pagellm.offload.cpus import available_cpus, pin_thread, pinned, split_for_reader
 from pagellm.offload.policy import AnyPolicy, PinnedHotSet, format_size
 
 MiB = 2**20
@@ -277,8 +277,9 @@ def measure_disk(path: str | os.PathLike[str], ggml_type: str | None = None, thr
     cpus = available_cpus()
     split = split_for_reader(cpus)
 
-    def leaves_core(k: int) -> bool:
-        return split is not None and 0 < k < len(cpus)
+    def placed(k: int) -> tuple[frozenset[int], frozenset[int] | None]:
+        """(compute CPUs, reader CPUs) for setting ``k``: apart where it leaves a core, else anywhere."""
+        return split if split is not None and 0 < k < len(cpus) else (cpus, None)
 
     wanted = [0]  # the setting the compute thread is asked for (threads; 0 idle; -1 end)
     running = [0]  # the setting it is in
@@ -302,7 +303,7 @@ def measure_disk(path: str | os.PathLike[str], ggml_type: str | None = None, thr
                 changed.notify_all()
             if k < 0:
                 return
-            pin_thread(0, split[0] if leaves_core(k) and split else cpus)
+            pin_thread(0, placed(k)[0])
             kernels.set_num_threads(k)
             kernels.matvec(copies[n % len(copies)], qtype, cols, x)
             n += 1
@@ -348,13 +349,13 @@ def measure_disk(path: str | os.PathLike[str], ggml_type: str | None = None, thr
             slice_s = 0.4
             for k in settings:  # the untimed pass
                 switch(k)
-                with pinned(split[1] if leaves_core(k) and split else None):
+                with pinned(placed(k)[1]):
                     read_for(slice_s / 2)
             deadline = time.perf_counter() + seconds
             while time.perf_counter() < deadline or any(t[1] == 0 for t in totals.values()):
                 for k in settings:
                     switch(k)
-                    with pinned(split[1] if leaves_core(k) and split else None):
+                    with pinned(placed(k)[1]):
                         done, spent = read_for(slice_s)
                     totals[k][0] += done
                     totals[k][1] += spent
@@ -780,15 +781,15 @@ def plan_offload(
     # Two ways to share the cores with the reader: compute on every thread or on one thread fewer,
     # each with reads at the rate measured beside it; the faster wins.
     options: list[tuple[float, float, float, int | None]] = []
-    # reads into pages mapped anew wait for the kernel to zero them
-    # whether the reader keeps ahead of compute decides how far it reads ahead, and so which victims it finds
-    ahead = sum(payload[u] for u in streamed) / profile.read_rate_beside_compute(True) < sum(compute_s.values())
+    # Reads into pages mapped anew wait for the kernel to zero them. Whether the reader keeps ahead
+    # of compute decides how far it reads ahead, and so which victims' pages it finds.
+    ahead = sum(payload[u] for u in streamed) / profile.read_rate_beside_compute(True) < compute
     fresh = (fresh_bytes_per_sweep(capacities, order, placement, prefetch, replacement, reader_ahead=ahead)
              if streamed else {})
+    fresh_s = {u: fresh.get(u, 0) / profile.fresh_page_bytes_per_s for u in order}
     # the room streamed units read ahead into: the budget less what is kept (slack included)
     room = (budget - sum(capacities[u] for u in placement.pinned + placement.resident)
             if budget is not None and prefetch > 0 else None)
-    fresh_s = {u: fresh.get(u, 0) / profile.fresh_page_bytes_per_s for u in order}
     for fewer in (False, True) if streamed and threads > 1 and profile.compute_bytes_per_s_one_fewer else (False,):
         disk = profile.read_rate_beside_compute(fewer)
         read_s = {u: payload[u] / disk + fresh_s[u] for u in order}
