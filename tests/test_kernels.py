@@ -1,6 +1,8 @@
 """Kernels against gguf-py's reference dequantization, for every supported GGML type."""
 from __future__ import annotations
 
+import os
+import platform
 import subprocess
 import sys
 
@@ -10,6 +12,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from pagellm import kernels
+from pagellm.kernels import activations
 
 TYPES = sorted(kernels.SUPPORTED_TYPES, key=lambda t: t.value)
 FLOAT_TYPES = {T.F32, T.F16, T.BF16}
@@ -83,8 +86,29 @@ def make_inputs(t: T, rows: int, blocks_per_row: int, rng: np.random.Generator):
 SHAPES = [(1, 1), (7, 3), (37, 2)]  # (rows, blocks per row): one row, odd row counts
 
 
-def assert_close_product(actual: np.ndarray, weights: np.ndarray, x: np.ndarray) -> None:
-    """actual ~ x @ weights.T within float32 summation error (rtol 1e-4 of sum |w| |x|)."""
+def llama_cpp_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x's Q8_0 blocks as llama.cpp makes them (fixtures/README.md): quants [..., cols], scales [..., cols/32]."""
+    blocks = x.reshape(*x.shape[:-1], -1, 32).astype(np.float32)
+    largest = np.abs(blocks).max(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(largest > 0, np.float32(127) / largest, np.float32(0)).astype(np.float32)
+    quants = np.rint(blocks * inverse).astype(np.int8)  # numpy's rint rounds half to even
+    scales = (largest / np.float32(127)).astype(np.float16).astype(np.float32)
+    return quants.reshape(x.shape), scales[..., 0]
+
+
+def multiplied_x(t: T, x: np.ndarray) -> np.ndarray:
+    """The activations a product with ``t`` weights multiplies by: x itself, or its Q8_0 blocks for llama.cpp's integer types."""
+    if not kernels.KERNELS[t].quantizes_activations:
+        return x
+    quants, scales = llama_cpp_q8_0(np.asarray(x, dtype=np.float32))
+    return (quants.reshape(*x.shape[:-1], -1, 32) * scales[..., None]).reshape(x.shape).astype(np.float32)
+
+
+def assert_close_product(actual: np.ndarray, weights: np.ndarray, x: np.ndarray, t: T | None = None) -> None:
+    """actual ~ x @ weights.T within float32 summation error (rtol 1e-4 of sum |w| |x|), x as type ``t`` multiplies it."""
+    if t is not None:
+        x = multiplied_x(t, x)
     expected = x.astype(np.float64) @ weights.T.astype(np.float64)
     bound = 1e-4 * (np.abs(x).astype(np.float64) @ np.abs(weights).T.astype(np.float64)) + 1e-30
     assert actual.shape == expected.shape
@@ -117,10 +141,10 @@ def test_matvec_matches_dequantized_product(t, rows, blocks_per_row):
     for raw in tensors:
         weights = reference_dequantize(raw, t, cols)
         x = rng.standard_normal(cols).astype(np.float32)
-        assert_close_product(kernels.matvec(raw, t, cols, x), weights, x)
+        assert_close_product(kernels.matvec(raw, t, cols, x), weights, x, t)
         out = np.full(rows, np.nan, dtype=np.float32)
         assert kernels.matvec(raw, t, cols, x, out=out) is out
-        assert_close_product(out, weights, x)
+        assert_close_product(out, weights, x, t)
 
 
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
@@ -133,7 +157,7 @@ def test_matmul_matches_dequantized_product(t, n):
         X = rng.standard_normal((n, cols)).astype(np.float32)
         result = kernels.matmul(raw, t, cols, X)
         assert result.dtype == np.float32 and result.shape == (n, 37)
-        assert_close_product(result, weights, X)
+        assert_close_product(result, weights, X, t)
 
 
 @pytest.mark.parametrize("t,n", [
@@ -147,7 +171,50 @@ def test_matmul_on_both_sides_of_the_crossover(t, n, monkeypatch):
     cols, (raw, *_) = make_inputs(t, 37, 1 if t == T.Q6_K else 8, rng)
     weights = reference_dequantize(raw, t, cols)
     X = rng.standard_normal((n, cols)).astype(np.float32)
-    assert_close_product(kernels.matmul(raw, t, cols, X), weights, X)
+    assert_close_product(kernels.matmul(raw, t, cols, X), weights, X, t)
+
+
+def test_activations_quantize_to_q8_0_as_llama_cpp_does():
+    rng = np.random.default_rng(11)
+    # blocks of magnitudes from 2**-30 (scales below the smallest half) to 2**12
+    X = (rng.standard_normal((3, 64 * 32)) * 2.0 ** rng.integers(-30, 13, size=(3, 64)).repeat(32, axis=1)).astype(np.float32)
+    X[0, :32] = 0  # an all-zero block: scale 0, quants 0
+    X[1, :32] = np.arange(32) - 15.5  # x * 127/max lands on ties: half to even
+    X[1, 31] = 127
+    quants, scales = activations.quantize_q8_0(X)
+    want_quants, want_scales = llama_cpp_q8_0(X)
+    np.testing.assert_array_equal(quants, want_quants)
+    np.testing.assert_array_equal(scales.view(np.uint32), want_scales.view(np.uint32))
+    assert list(quants[1, :4]) == [-16, -14, -14, -12]  # -15.5, -14.5, -13.5, -12.5
+    assert (scales == 0).any() and (scales[(scales > 0)] < 2.0 ** -14).any()  # zero and subnormal-half scales occur
+    np.testing.assert_array_equal(activations.round_trip_q8_0(X), multiplied_x(T.Q8_0, X))
+
+
+def test_integer_products_without_avx2():
+    # the portable IR that replaces vpmaddubsw/vpmaddwd on CPUs without AVX2 gives the same products
+    script = """
+import platform, numpy as np, gguf
+from gguf import GGMLQuantizationType as Q
+from pagellm import kernels
+from pagellm.kernels import activations
+from pagellm.kernels import activations, legacy
+assert not legacy.AVX2 or platform.machine().lower() not in ("x86_64", "amd64")
+rng = np.random.default_rng(5)
+for t in (Q.Q8_0, Q.Q4_0, Q.Q5_0):
+    blocks = rng.integers(0, 256, size=(9 * 4, gguf.GGML_QUANT_SIZES[t][1]), dtype=np.uint8)
+    blocks[:, :2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)  # each block starts with its f16 scale
+    raw = blocks.reshape(9, -1)
+    X = rng.standard_normal((3, 128)).astype(np.float32)
+    want = activations.round_trip_q8_0(X).astype(np.float64) @ gguf.quants.dequantize(raw, t).reshape(9, 128).T
+    print(float(np.abs(kernels.matmul(raw, t, 128, X) - want).max() / np.abs(want).max()))
+"""
+    env = dict(os.environ)
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        env.update(NUMBA_CPU_NAME="x86-64", NUMBA_CPU_FEATURES="+sse2,+sse3,+ssse3,+sse4.1,+sse4.2,+f16c,+fma")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    errors = [float(e) for e in out.stdout.split()]
+    assert len(errors) == 3 and max(errors) < 1e-5, errors
 
 
 def test_every_half_float_converts_exactly():
@@ -168,9 +235,9 @@ def test_non_contiguous_inputs():
         kernels.matvec(raw[::2], T.Q4_0, 64, np.ones(64, np.float32))
     # strided or float64 activations are small: converted
     x_strided = rng.standard_normal(128).astype(np.float32)[::2]
-    assert_close_product(kernels.matvec(raw, T.Q4_0, 64, x_strided), weights, x_strided)
+    assert_close_product(kernels.matvec(raw, T.Q4_0, 64, x_strided), weights, x_strided, T.Q4_0)
     X_fortran = np.asfortranarray(rng.standard_normal((3, 64)))
-    assert_close_product(kernels.matmul(raw, T.Q4_0, 64, X_fortran), weights, X_fortran.astype(np.float32))
+    assert_close_product(kernels.matmul(raw, T.Q4_0, 64, X_fortran), weights, X_fortran.astype(np.float32), T.Q4_0)
 
 
 def test_float_tensors_given_as_float_arrays():
@@ -232,6 +299,7 @@ def test_compiler_pages_go_back_after_warm_up_and_kernels_still_run():
 import numpy as np, gguf
 from gguf import GGMLQuantizationType as Q
 from pagellm import kernels
+from pagellm.kernels import activations
 from pagellm.offload.pressure import DEFAULT_ROOT, _mapped_rss_bytes, release_compiler_pages
 from pagellm.synth import random_weights
 kernels.warm_up([Q.Q8_0, Q.Q4_K])

@@ -30,7 +30,7 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 # kept for the life of the process.
 _BLAS_LIMIT = threadpoolctl.threadpool_limits(limits=1, user_api="blas")
 
-from . import floats, kquants, legacy  # noqa: E402  (after the threading layer is chosen)
+from . import activations, floats, kquants, legacy  # noqa: E402  (after the threading layer is chosen)
 from .base import TypeKernels  # noqa: E402
 
 __all__ = [
@@ -160,6 +160,8 @@ def matmul(raw: np.ndarray, ggml_type, cols: int, X: np.ndarray) -> np.ndarray:
         for v in range(n):
             kernels.matvec(rows, X[v], out[v])
     else:
+        if kernels.quantizes_activations:  # the product the fused kernels compute, whatever the batch
+            X = activations.round_trip_q8_0(X)
         _tiled_blas_matmul(kernels, rows, cols, X, out)
     return out
 

@@ -30,7 +30,7 @@ _jit_parallel = numba.njit(parallel=True, nogil=True, cache=True, fastmath=True)
 # --------------------------------------------------------------------------- half floats
 
 
-def _target_features() -> str:
+def target_features() -> str:
     """The CPU features numba compiles for (NUMBA_CPU_FEATURES can narrow them below the host's)."""
     from numba.core.registry import cpu_target
 
@@ -44,7 +44,7 @@ def _has_hardware_half() -> bool:
     """Whether LLVM lowers ``fpext half`` to one instruction rather than a libcall numba cannot link."""
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64", "i686", "x86"):
-        return "+f16c" in _target_features().split(",")
+        return "+f16c" in target_features().split(",")
     return machine in ("aarch64", "arm64")
 
 
