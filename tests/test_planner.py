@@ -195,6 +195,29 @@ def test_plan_leaves_a_core_to_reads_only_where_reads_suffer_beside_compute():
     assert plan_offload(mf, NoOffload(), MachineProfile(disk_bytes_per_s_beside_compute=1e8, **rates)).compute_threads is None
 
 
+def test_reads_run_at_the_disks_own_rate_while_compute_waits_for_them():
+    mf = ModelFile.open(SYNTH)
+    policy = Budget(int(0.4 * mf.weight_bytes))
+
+    def plan(compute_rate: float, beside: float):
+        rates = {"Q8_0": compute_rate, "F32": compute_rate}
+        return plan_offload(mf, policy, MachineProfile(disk_bytes_per_s=2e9, disk_bytes_per_s_beside_compute=beside,
+                                                       compute_bytes_per_s=rates, layer_overhead_s=0.0, threads=2))
+
+    slow_beside = plan(4e9, 1e9)
+    rate = slow_beside.predicted_bytes_per_token / slow_beside.read_seconds_per_token
+    busy = slow_beside.compute_seconds_per_token / slow_beside.predicted_seconds_per_token
+    assert 0.1 < busy < 0.9  # reads take most of the step, compute part of it
+    # the rate blends "beside compute" and "alone" by compute's share of the step (to the 0.5% it settles to)
+    assert rate == pytest.approx(busy * 1e9 + (1 - busy) * 2e9, rel=0.01)
+    # compute that takes no time leaves the disk alone; a disk as fast beside compute changes nothing
+    idle = plan(1e15, 1e9)
+    assert idle.predicted_bytes_per_token / idle.read_seconds_per_token == pytest.approx(2e9, rel=0.01)
+    same = plan(4e9, 2e9)
+    assert same.predicted_bytes_per_token / same.read_seconds_per_token == pytest.approx(2e9)
+    assert slow_beside.predicted_seconds_per_token > same.predicted_seconds_per_token
+
+
 def test_fresh_page_replay_arithmetic():
     from pagellm.offload.planner import fresh_bytes_per_sweep
 

@@ -549,8 +549,10 @@ class Plan:
             f"row reads {'':>11}  {names(p.row_read)} (one row per token)",
             f"reads per token {format_size(self.predicted_bytes_per_token)}; "
             f"disk {prof.disk_bytes_per_s / 1e9:.2f} GB/s ({prof.source})",
-            f"compute {self.compute_seconds_per_token * 1e3:.1f} ms/token, reads {self.read_seconds_per_token * 1e3:.1f} ms/token, "
-            f"stall {self.predicted_stall_seconds_per_token * 1e3:.1f} ms/token",
+            f"compute {self.compute_seconds_per_token * 1e3:.1f} ms/token, reads {self.read_seconds_per_token * 1e3:.1f} ms/token"
+            + (f" (at {self.predicted_bytes_per_token / self.read_seconds_per_token / 1e9:.2f} GB/s: slower beside "
+               "compute, the disk's own rate while compute waits)" if self.read_seconds_per_token > 0 else "")
+            + f", stall {self.predicted_stall_seconds_per_token * 1e3:.1f} ms/token",
             "compute threads: "
             + (f"{self.compute_threads} (one core left to the reader, kept on a CPU of its own; reads ran at "
                f"{prof.read_rate_beside_compute() / 1e9:.2f} GB/s beside compute on every thread)"
@@ -791,10 +793,20 @@ def plan_offload(
     room = (budget - sum(capacities[u] for u in placement.pinned + placement.resident)
             if budget is not None and prefetch > 0 else None)
     for fewer in (False, True) if streamed and threads > 1 and profile.compute_bytes_per_s_one_fewer else (False,):
-        disk = profile.read_rate_beside_compute(fewer)
-        read_s = {u: payload[u] / disk + fresh_s[u] for u in order}
-        seconds, stall = simulate_step(order, streamed, read_s, compute_seconds(fewer), slots, min(prefetch, slots - 1),
-                                       capacities, room)
+        beside, compute_fewer = profile.read_rate_beside_compute(fewer), compute_seconds(fewer)
+        disk = beside
+        # Reads run beside compute only while it computes; while it waits for them they run at the
+        # disk's own rate. So the rate is the two blended by compute's share of the step, found by
+        # iterating until it moves by under 0.5% (two or three rounds).
+        for _ in range(5):
+            read_s = {u: payload[u] / disk + fresh_s[u] for u in order}
+            seconds, stall = simulate_step(order, streamed, read_s, compute_fewer, slots, min(prefetch, slots - 1),
+                                           capacities, room)
+            busy = min(1.0, sum(compute_fewer.values()) / max(seconds, 1e-9))
+            blended = busy * beside + (1 - busy) * profile.disk_bytes_per_s
+            if abs(blended - disk) < 0.005 * disk:
+                break
+            disk = blended
         options.append((seconds, stall, bytes_per_token / disk, threads - 1 if fewer else None))
     if streamed:
         # one thread fewer only where it is clearly faster: a read-bound step times the same either way
