@@ -224,8 +224,8 @@ def main() -> None:
                 policy, replacement = policy_for(kind, B)
                 plan = plan_offload(mf, policy, profile, replacement=replacement)
                 # the same plan at the rate the row's reads achieved: what is left is the planner's own error
-                # (both read rates scaled alike: the one the plan's choice reads at becomes the row's)
-                scale = r["disk_bytes_per_s"] / profile.read_rate_beside_compute(bool(plan.compute_threads))
+                # (all read rates scaled alike, so the rate the plan reads at becomes the row's)
+                scale = r["disk_bytes_per_s"] / (plan.predicted_bytes_per_token / max(plan.read_seconds_per_token, 1e-9))
                 at_row_profile = dataclasses.replace(
                     profile, disk_bytes_per_s=profile.disk_bytes_per_s * scale,
                     disk_bytes_per_s_beside_compute=profile.read_rate_beside_compute() * scale,

@@ -172,7 +172,7 @@ def test_lru_plan_streams_every_unpinned_unit_as_the_lru_pager_does():
         assert pager.placement == lru.placement
 
 
-def test_plan_leaves_a_core_to_reads_only_where_reads_suffer_beside_compute():
+def test_plan_leaves_a_core_to_reads_where_they_bound_the_step_or_suffer_beside_compute():
     mf = ModelFile.open(SYNTH)
     policy = Budget(int(0.4 * mf.weight_bytes))
     rates = dict(compute_bytes_per_s={"Q8_0": 8e9, "F32": 8e9}, compute_bytes_per_s_one_fewer={"Q8_0": 4.5e9, "F32": 4.5e9},
@@ -182,10 +182,17 @@ def test_plan_leaves_a_core_to_reads_only_where_reads_suffer_beside_compute():
     unmeasured = plan_offload(mf, policy, MachineProfile(disk_bytes_per_s=2e9, compute_bytes_per_s={"Q8_0": 8e9}))
     assert coupled.compute_threads == 1 and separate.compute_threads is None
     assert unmeasured.compute_threads is None
-    # reads no faster beside one thread fewer: nothing to win by leaving a core
+    # reads bound the step even on one thread fewer: the reader gets its core, though the
+    # calibration saw reads no faster beside one thread fewer
     same = plan_offload(mf, policy, MachineProfile(disk_bytes_per_s=2e9, disk_bytes_per_s_beside_compute=1.2e9,
                                                    disk_bytes_per_s_beside_one_fewer=1.2e9, **rates))
-    assert same.compute_threads is None
+    assert same.read_seconds_per_token > same.compute_seconds_per_token
+    assert same.compute_threads == 1
+    # compute bounds it on one thread fewer, and that is no faster: every thread computes
+    fast_disk = plan_offload(mf, policy, MachineProfile(disk_bytes_per_s=20e9, disk_bytes_per_s_beside_compute=19e9,
+                                                        disk_bytes_per_s_beside_one_fewer=20e9, **rates))
+    assert fast_disk.read_seconds_per_token < fast_disk.compute_seconds_per_token
+    assert fast_disk.compute_threads is None
     # the choice is the faster of the two, and the floor is the same for both
     assert coupled.predicted_tokens_per_s > plan_offload(
         mf, policy, MachineProfile(disk_bytes_per_s=1.2e9, **{**rates, "compute_bytes_per_s_one_fewer": {}})
