@@ -3,7 +3,7 @@
 llama.cpp converts x to its weight type's "vec_dot" type and multiplies block by block in
 integers. For these three types that is Q8_0: blocks of 32, ``d = max|x| / 127`` stored as an
 IEEE half, ``q = round_half_even(x * (127 / max|x|))`` (the unrounded ``d`` sets the quants).
-Doing the same makes the integer kernels in ``legacy`` possible (1.6-1.9x the float kernels
+Doing the same makes the integer kernels in ``legacy`` possible (1.3-1.7x the float kernels
 on one AVX2 core) and keeps our logits on llama.cpp's side of every rounding.
 """
 from __future__ import annotations

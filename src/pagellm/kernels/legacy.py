@@ -24,7 +24,7 @@ Q8_0, Q4_0 and Q5_0 mat-vecs multiply in integers, as llama.cpp does: x is first
 Q8_0 blocks (``activations``), each type supplies an ``unpack_quants`` giving a block's scale
 and its 32 signed quants as bytes, and ``make_quant_dot_row`` sums byte products per block
 (``vpmaddubsw``/``vpmaddwd`` with AVX2, portable IR elsewhere). On one core this measured
-1.4x (Q8_0, Q5_0) and 1.7x (Q4_0) the float kernels. Q4_1 and Q5_1 (llama.cpp: Q8_1) still
+1.3-1.4x (Q8_0), 1.4x (Q5_0) and 1.6-1.7x (Q4_0) the float kernels. Q4_1 and Q5_1 (llama.cpp: Q8_1) still
 dequantize to floats.
 
 The intrinsics read memory without bounds checks; the kernels validate shapes first.
