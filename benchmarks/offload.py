@@ -134,7 +134,8 @@ def main() -> None:
         return
 
     from pagellm.modelfile import ModelFile
-    from pagellm.offload.planner import MachineProfile, calibrate, main_weight_type, measure_disk, plan_offload
+    from pagellm.offload.planner import (MachineProfile, calibrate, main_weight_type, measure_disk, model_shape,
+                                         plan_offload)
     from pagellm.offload.pressure import release_compiler_pages
 
     args.dir.mkdir(parents=True, exist_ok=True)
@@ -153,7 +154,7 @@ def main() -> None:
         profile.disk_bytes_per_s_beside_compute = measured.disk_bytes_per_s_beside_compute
         profile.disk_bytes_per_s_beside_one_fewer = measured.disk_bytes_per_s_beside_one_fewer
         profile.fresh_page_bytes_per_s = measured.fresh_page_bytes_per_s
-        profile.layer_overhead_s = measured.layer_overhead_s
+        profile.layer_overhead_s_by_shape[model_shape(mf)] = measured.layer_overhead(model_shape(mf))
         profile.threads = measured.threads
     # The rows run in child processes; LLVM pages this process still maps would count as shared in
     # theirs and stay resident there (MADV_PAGEOUT skips pages other processes map), so let them go.
@@ -164,7 +165,9 @@ def main() -> None:
           f"{profile.read_rate_beside_compute() / 1e9:.2f} GB/s beside compute on {args.threads} threads, "
           f"{profile.read_rate_beside_compute(True) / 1e9:.2f} beside one thread fewer; "
           f"compute {rates}; on one thread fewer {fewer or '-'}; "
-          f"{profile.layer_overhead_s * 1e3:.2f} ms/layer besides mat-vecs; new pages at "
+          "per layer besides mat-vecs "
+          + ", ".join(f"{ms * 1e3:.2f} ms ({shape})" for shape, ms in profile.layer_overhead_s_by_shape.items())
+          + "; new pages at "
           f"{profile.fresh_page_bytes_per_s / 1e9:.2f} GB/s; {args.threads} threads")
     profile_file = Path(tempfile.mkdtemp(prefix="pagellm-bench-")) / "profile.json"
     print("disk: GB/s of the disk measured alone just before the row (O_DIRECT reads of the units the row streams, in "

@@ -225,6 +225,26 @@ def test_reads_run_at_the_disks_own_rate_while_compute_waits_for_them():
     assert slow_beside.predicted_seconds_per_token > same.predicted_seconds_per_token
 
 
+def test_layer_overhead_is_per_model_shape():
+    from pagellm.offload.planner import measure_layer_overhead, model_shape
+
+    mf = ModelFile.open(SYNTH)
+    policy = Budget(int(0.4 * mf.weight_bytes))
+    other = ModelFile.open(fixture_path("stories260K-real-F32"))
+    assert model_shape(mf) != model_shape(other)
+    base = dict(disk_bytes_per_s=2e9, compute_bytes_per_s={"Q8_0": 8e9, "F32": 8e9})
+    none = plan_offload(mf, policy, MachineProfile(layer_overhead_s=0.0, **base))
+    own = plan_offload(mf, policy, MachineProfile(layer_overhead_s=0.0, layer_overhead_s_by_shape={model_shape(mf): 1e-3},
+                                                  **base))
+    # another model's figure is not this model's: the fallback applies
+    foreign = plan_offload(mf, policy, MachineProfile(layer_overhead_s=0.0,
+                                                      layer_overhead_s_by_shape={model_shape(other): 1e-3}, **base))
+    blocks = len(mf.block_groups)
+    assert own.compute_seconds_per_token == pytest.approx(none.compute_seconds_per_token + blocks * 1e-3)
+    assert foreign.compute_seconds_per_token == none.compute_seconds_per_token
+    assert 0 < measure_layer_overhead(mf, repeats=5) < 0.1
+
+
 def test_fresh_page_replay_arithmetic():
     from pagellm.offload.planner import fresh_bytes_per_sweep
 

@@ -190,7 +190,11 @@ class MachineProfile:
 
     disk_bytes_per_s: float = 1.0e9
     compute_bytes_per_s: dict[str, float] = field(default_factory=dict)
-    layer_overhead_s: float = 2.0e-4  # norms, rope, attention at short context, per block
+    # Seconds per block of norms, rope and attention at short context: measured per model shape
+    # (``model_shape``; a 7B block takes several times a TinyLlama one), and for a shape never
+    # measured the last figure measured.
+    layer_overhead_s: float = 2.0e-4
+    layer_overhead_s_by_shape: dict[str, float] = field(default_factory=dict)
     # Where reads take CPU that compute would use (a virtual disk the host serves from the same
     # cores), reads beside compute run slower than alone, and leaving one core to the reader can
     # win: the read rates beside compute on every thread and on one thread fewer (0: unmeasured,
@@ -210,6 +214,10 @@ class MachineProfile:
         """Weight bytes per second a mat-vec of this type runs at (on one thread fewer: ``one_fewer``)."""
         rate = self.compute_bytes_per_s.get(ggml_type, self.DEFAULT_COMPUTE)
         return self.compute_bytes_per_s_one_fewer.get(ggml_type, rate) if one_fewer else rate
+
+    def layer_overhead(self, shape: str) -> float:
+        """Seconds per block besides the mat-vecs for a model of this ``model_shape``."""
+        return self.layer_overhead_s_by_shape.get(shape, self.layer_overhead_s)
 
     def read_rate_beside_compute(self, one_fewer: bool = False) -> float:
         """Bytes/s of reads while compute runs on every thread (on one thread fewer: ``one_fewer``)."""
@@ -412,8 +420,20 @@ def measure_compute(ggml_types: Sequence[str], threads: int | None = None, secon
     return rates
 
 
+def model_shape(mf: ModelFile) -> str:
+    """The dimensions a block's work besides its mat-vecs depends on, as a key for ``layer_overhead_s_by_shape``."""
+    from pagellm.models.config import ModelArgs
+
+    args = ModelArgs.from_model_file(mf)
+    return f"embd {args.n_embd}, ff {args.n_ff}, heads {args.n_head}/{args.n_head_kv}x{args.head_dim}"
+
+
 def measure_layer_overhead(mf: ModelFile, repeats: int = 30) -> float:
-    """Seconds per block of everything but the mat-vecs (norms, rope, attention over a short context)."""
+    """Seconds per block of everything but the mat-vecs (norms, rope, attention over a short context).
+
+    The median of ``repeats`` timed blocks after an untimed one: a first call (numba loading a
+    kernel, numpy allocating) and an interrupted one would otherwise weigh on every block.
+    """
     from pagellm.kv_cache import KVCache
     from pagellm.models.config import ModelArgs
     from pagellm.models.llama import LlamaModel, Segment, rms_norm, silu
@@ -429,8 +449,9 @@ def measure_layer_overhead(mf: ModelFile, repeats: int = 30) -> float:
     q = rng.standard_normal((1, args.n_head, args.head_dim)).astype(np.float32)
     k = rng.standard_normal((1, args.n_head_kv, args.head_dim)).astype(np.float32)
     ff = rng.standard_normal((1, args.n_ff)).astype(np.float32)
-    t0 = time.perf_counter()
-    for i in range(repeats):
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
         seg = Segment(cache, 32, 0, 1)
         seg.cos, seg.sin = model.rope_tables(32, 1, None)
         h = rms_norm(x, w, args.rms_eps)
@@ -439,7 +460,8 @@ def measure_layer_overhead(mf: ModelFile, repeats: int = 30) -> float:
         model.attention(qs, cache.keys[0, :33], cache.values[0, :33], 32)
         h = rms_norm(x + h, w, args.rms_eps)
         (silu(ff) * ff).astype(np.float32)
-    return (time.perf_counter() - t0) / repeats
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:]))
 
 
 def calibrate(
@@ -476,6 +498,7 @@ def calibrate(
     profile.compute_bytes_per_s.update(rates)
     profile.compute_bytes_per_s_one_fewer.update(fewer)
     profile.layer_overhead_s = overhead
+    profile.layer_overhead_s_by_shape[model_shape(mf)] = overhead
     profile.threads = n_threads
     profile.measured = True
     profile.source = f"calibrated {time.strftime('%Y-%m-%d %H:%M')}"
@@ -768,9 +791,15 @@ def plan_offload(
     parts = collections.Counter(u.group for u in units)
     group = {u.name: u.group for u in units}
     # the per-block overhead (norms, rope, attention) is shared among the block's units
+    shape = model_shape(mf)
+    if profile.measured and shape not in profile.layer_overhead_s_by_shape:
+        # a calibrated machine, a model shape it has not timed yet: a few milliseconds to time it
+        profile.layer_overhead_s_by_shape[shape] = measure_layer_overhead(mf)
+    overhead = profile.layer_overhead(shape)
+
     def compute_seconds(one_fewer: bool) -> dict[str, float]:
         return {u: payload[u] / profile.compute_rate(types[u], one_fewer)
-                + (profile.layer_overhead_s / parts[group[u]] if u.startswith("blk.") else 0.0) for u in order}
+                + (overhead / parts[group[u]] if u.startswith("blk.") else 0.0) for u in order}
 
     compute_s = compute_seconds(False)  # on every thread: what the floor counts
     streamed = set(placement.streamed)
