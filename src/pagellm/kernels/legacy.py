@@ -16,9 +16,9 @@ block's lanes and then vectorizes across blocks with 18-byte-strided gathers, wh
 about 8x slower than straight 16-lane vector code. So each type supplies an ``unpack``
 function that emits IR turning one block into 16-lane float vectors of its dequantized
 weights (computed exactly as gguf-py does, so ``dequantize`` matches it bit for bit), and
-``make_row_intrinsics`` wraps it into two row-level intrinsics: one dots a row with up to
-four vectors of x per pass (vector accumulators, one horizontal sum per row and vector),
-one stores the row dequantized. The numba kernels only loop over rows with ``prange``.
+``make_dot_row`` and ``make_dequantize_row`` wrap it into row-level intrinsics: one dots a row
+with up to four vectors of x per pass (vector accumulators, one horizontal sum per row and
+vector), one stores the row dequantized. The numba kernels only loop over rows with ``prange``.
 
 Q8_0, Q4_0 and Q5_0 mat-vecs multiply in integers, as llama.cpp does: x is first quantized to
 Q8_0 blocks (``activations``), each type supplies an ``unpack_quants`` giving a block's scale
@@ -212,12 +212,12 @@ def _emit_vector_passes(builder, n_vectors, emit_pass) -> None:
             emit_pass(first_left, count)
 
 
-def make_row_intrinsics(unpack: Unpack, block_bytes: int, block_size: int):
-    """Build the intrinsics ``dot_row(raw, r, xs, outs)`` and ``dequantize_row(raw, r, out)`` for one block type.
+def make_dot_row(unpack: Unpack, block_bytes: int, block_size: int):
+    """Build the intrinsic ``dot_row(raw, r, xs, outs)`` for one block type, on float x.
 
-    ``dot_row`` sets ``outs[v, r] = sum_c W[r, c] * xs[v, c]`` for every v, going over row r's
-    blocks once per MAX_VECTORS_PER_PASS vectors; ``dequantize_row`` writes W[r, :] to ``out[r]``.
-    Arrays: raw uint8 [rows, row_bytes], xs float32 [n, cols], outs float32 [n, rows], all C order.
+    It sets ``outs[v, r] = sum_c W[r, c] * xs[v, c]`` for every v, going over row r's blocks once
+    per MAX_VECTORS_PER_PASS vectors. Arrays: raw uint8 [rows, row_bytes], xs float32 [n, cols],
+    outs float32 [n, rows], all C order.
     """
     assert block_size % LANES == 0
 
@@ -250,6 +250,13 @@ def make_row_intrinsics(unpack: Unpack, block_bytes: int, block_size: int):
 
         return types.void(raw, r, xs, outs), codegen
 
+    return dot_row
+
+
+def make_dequantize_row(unpack: Unpack, block_bytes: int, block_size: int):
+    """Build the intrinsic ``dequantize_row(raw, r, out)``: W[r, :] as float32 into ``out[r]`` (out [rows, cols])."""
+    assert block_size % LANES == 0
+
     @intrinsic
     def dequantize_row(typingctx, raw, r, out):
         if not (_is_c_array(raw, types.uint8, 2) and isinstance(r, types.Integer)
@@ -274,7 +281,7 @@ def make_row_intrinsics(unpack: Unpack, block_bytes: int, block_size: int):
 
         return types.void(raw, r, out), codegen
 
-    return dot_row, dequantize_row
+    return dequantize_row
 
 
 # --------------------------------------------------------------------------- integer dot products
@@ -459,14 +466,16 @@ def _quants_q5_0(builder, block):
     return _f16(builder, block, 0), quants
 
 
-_q8_0_dequantize_row = make_row_intrinsics(_unpack_q8_0, Q8_0_BYTES, QK)[1]
-_q4_0_dequantize_row = make_row_intrinsics(_unpack_q4_0, Q4_0_BYTES, QK)[1]
-_q4_1_dot_row, _q4_1_dequantize_row = make_row_intrinsics(_unpack_q4_1, Q4_1_BYTES, QK)
-_q5_0_dequantize_row = make_row_intrinsics(_unpack_q5_0, Q5_0_BYTES, QK)[1]
-_q5_1_dot_row, _q5_1_dequantize_row = make_row_intrinsics(_unpack_q5_1, Q5_1_BYTES, QK)
+_q8_0_dequantize_row = make_dequantize_row(_unpack_q8_0, Q8_0_BYTES, QK)
+_q4_0_dequantize_row = make_dequantize_row(_unpack_q4_0, Q4_0_BYTES, QK)
+_q4_1_dequantize_row = make_dequantize_row(_unpack_q4_1, Q4_1_BYTES, QK)
+_q5_0_dequantize_row = make_dequantize_row(_unpack_q5_0, Q5_0_BYTES, QK)
+_q5_1_dequantize_row = make_dequantize_row(_unpack_q5_1, Q5_1_BYTES, QK)
 _q8_0_dot_row = make_quant_dot_row(_quants_q8_0, Q8_0_BYTES)
 _q4_0_dot_row = make_quant_dot_row(_quants_q4_0, Q4_0_BYTES)
 _q5_0_dot_row = make_quant_dot_row(_quants_q5_0, Q5_0_BYTES)
+_q4_1_dot_row = make_dot_row(_unpack_q4_1, Q4_1_BYTES, QK)
+_q5_1_dot_row = make_dot_row(_unpack_q5_1, Q5_1_BYTES, QK)
 
 
 # --------------------------------------------------------------------------- kernels
