@@ -6,9 +6,11 @@ Usage: python benchmarks/offload.py [--dir /tmp/pagellm-models] [--models tinyll
 Each row runs in a fresh process, so its peak RSS is its own. Reads use O_DIRECT (the page cache
 never serves them; the file's cached pages are also dropped with POSIX_FADV_DONTNEED before each
 row). Compute rate per GGML type and per-layer overhead are measured first
-(pagellm.offload.planner.calibrate), the disk's rate again just before each row (it drifts); the
-planner's prediction is printed beside each measurement, and beside it the same plan at the rate the
-row's own reads achieved, which separates the planner's error from the disk's drift.
+(pagellm.offload.planner.calibrate); the disk's rates and the main type's compute rate again before
+each run of a row and after the last (both drift here): each run plans with the figures before it,
+and the table's prediction uses the mean of those before and after. The planner's prediction is
+printed beside each measurement, and beside it the same plan at the rate the row's own reads
+achieved, which separates the planner's error from the disk's drift.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_models import make_one, model_path  # noqa: E402
@@ -45,11 +48,30 @@ def policy_for(kind: str, budget: int):
     raise ValueError(kind)
 
 
-def set_disk(profile, rates: dict[int, float], threads: int) -> None:
-    """Give ``profile`` the read rates measured alone (0) and beside compute on threads - 1 and threads."""
+def set_machine(profile, shared, threads: int, calibrated, main_type: str) -> None:
+    """Give ``profile`` the figures ``shared`` measured: read rates alone (0) and beside compute on
+    threads - 1 and threads, compute's kept share beside reads on every thread, and the
+    ``calibrated`` compute rates scaled to the speed ``main_type``'s mat-vecs had (a virtual
+    machine's cores drift too: one thread ran 7B Q4_0 at 6.6 GB/s in one calibration and 7.8 in
+    another)."""
+    rates = shared.read
     profile.disk_bytes_per_s = rates[0]
     profile.disk_bytes_per_s_beside_compute = rates[threads]
     profile.disk_bytes_per_s_beside_one_fewer = rates[threads - 1] if threads > 1 else rates[0]
+    profile.compute_kept_beside_reads = shared.compute_kept.get(threads, 1.0)
+    for scaled, measured, k in ((profile.compute_bytes_per_s, calibrated.compute_bytes_per_s, threads),
+                                (profile.compute_bytes_per_s_one_fewer, calibrated.compute_bytes_per_s_one_fewer,
+                                 threads - 1)):
+        if k in shared.compute and main_type in measured:
+            scaled.update({t: r * shared.compute[k] / measured[main_type] for t, r in measured.items()})
+
+
+def combine(measures: list, how: Callable[[list[float]], float]):
+    """One set of machine figures from several, each figure combined by ``how`` (mean, median)."""
+    from pagellm.offload.planner import SharedRates
+
+    return SharedRates(*({k: how([getattr(m, field)[k] for m in measures]) for k in getattr(measures[0], field)}
+                         for field in ("read", "compute", "compute_kept")))
 
 
 def streamed_unit_bytes(mf, policy, replacement: str) -> list[int]:
@@ -153,33 +175,42 @@ def main() -> None:
         profile.disk_bytes_per_s = measured.disk_bytes_per_s  # same disk for every file
         profile.disk_bytes_per_s_beside_compute = measured.disk_bytes_per_s_beside_compute
         profile.disk_bytes_per_s_beside_one_fewer = measured.disk_bytes_per_s_beside_one_fewer
+        profile.compute_kept_beside_reads = measured.compute_kept_beside_reads
         profile.fresh_page_bytes_per_s = measured.fresh_page_bytes_per_s
         profile.layer_overhead_s_by_shape[model_shape(mf)] = measured.layer_overhead(model_shape(mf))
         profile.threads = measured.threads
     # The rows run in child processes; LLVM pages this process still maps would count as shared in
     # theirs and stay resident there (MADV_PAGEOUT skips pages other processes map), so let them go.
     release_compiler_pages()
+    # the calibration's compute rates, which each row scales to the speed measured around it
+    calibrated = dataclasses.replace(profile, compute_bytes_per_s=dict(profile.compute_bytes_per_s),
+                                     compute_bytes_per_s_one_fewer=dict(profile.compute_bytes_per_s_one_fewer))
     rates = ", ".join(f"{t} {r / 1e9:.2f} GB/s" for t, r in sorted(profile.compute_bytes_per_s.items()))
     fewer = ", ".join(f"{t} {r / 1e9:.2f} GB/s" for t, r in sorted(profile.compute_bytes_per_s_one_fewer.items()))
     print(f"calibration: disk {profile.disk_bytes_per_s / 1e9:.2f} GB/s (O_DIRECT), "
           f"{profile.read_rate_beside_compute() / 1e9:.2f} GB/s beside compute on {args.threads} threads, "
-          f"{profile.read_rate_beside_compute(True) / 1e9:.2f} beside one thread fewer; "
+          f"{profile.read_rate_beside_compute(True) / 1e9:.2f} beside one thread fewer; compute on {args.threads} "
+          f"threads kept {profile.compute_kept():.0%} of its speed beside reads; "
           f"compute {rates}; on one thread fewer {fewer or '-'}; "
           "per layer besides mat-vecs "
           + ", ".join(f"{ms * 1e3:.2f} ms ({shape})" for shape, ms in profile.layer_overhead_s_by_shape.items())
           + "; new pages at "
           f"{profile.fresh_page_bytes_per_s / 1e9:.2f} GB/s; {args.threads} threads")
     profile_file = Path(tempfile.mkdtemp(prefix="pagellm-bench-")) / "profile.json"
-    print("disk: GB/s of the disk measured alone just before the row (O_DIRECT reads of the units the row streams, in "
+    print("disk: GB/s of the disk measured alone around the row (O_DIRECT reads of the units the row streams, in "
           "sweep order, cycling over as many bytes, in turns with the same reads beside compute on one thread fewer "
           "and on every thread, which the plan uses); reads: GB/s the row's own reads achieved")
-    print("d|n-1: GB/s of reads beside compute on one thread fewer, measured in turns with disk")
+    print("d|n-1: GB/s of reads beside compute on one thread fewer, measured in turns with disk; kept: the share of "
+          "its speed compute on every thread kept beside those reads; c|n-1: GB/s of the main type's mat-vecs on one "
+          "thread fewer (every figure: the mean of those measured just before and just after each run, the median "
+          "over runs)")
     print("thr: compute threads (the plan's choice: all, or one fewer to leave the reader a core); fresh MB: buffer bytes per token "
           "the pager had to map anew (the kernel zeroes them) rather than reuse")
     print("floor = max(compute, (M - B) / disk); ratio = floor time / measured time; "
           "planned: the planner's tok/s from the calibration and that disk figure; "
           "after reads: the ratio and the plan again with the rate the row's own reads achieved as the disk's")
-    header = (f"{'model':28s} {'policy':14s} {'budget':>6s} | {'tok/s':>6s} {'disk':>5s} {'d|n-1':>5s} {'floor':>6s} {'ratio':>5s} | "
+    header = (f"{'model':28s} {'policy':14s} {'budget':>6s} | {'tok/s':>6s} {'disk':>5s} {'d|n-1':>5s} {'kept':>4s} "
+              f"{'c|n-1':>5s} {'floor':>6s} {'ratio':>5s} | "
               f"{'MB read/tok':>11s} {'(M-B) MB':>8s} {'ok':>3s} | {'stall':>5s} | {'peak RSS':>8s} {'B+KV+200':>8s} {'ok':>3s} | "
               f"{'planned':>7s} {'err':>5s} | {'reads':>5s} {'ratio':>5s} {'planned':>7s} {'err':>5s} | "
               f"{'thr':>3s} {'fresh MB':>8s}")
@@ -188,23 +219,29 @@ def main() -> None:
     for shape, ggml_type in models:
         path = model_path(args.dir, shape, ggml_type)
         mf = ModelFile.open(path)
+        main_type = main_weight_type(mf)
         for pct in (int(b) for b in args.budgets.split(",")):
             for kind in args.policies.split(","):
-                runs, disks = [], []
-                for _ in range(args.repeats):
-                    # the disk's rate drifts over minutes here: measure it again just before each run,
-                    # after a pause for the previous run's exit (freeing its memory) to settle
+                runs = []
+                policy, replacement = policy_for(kind, int(pct / 100 * mf.weight_bytes))
+                sizes = streamed_unit_bytes(mf, policy, replacement)
+
+                def measure_machine():
+                    """Disk and compute, measured again: both drift here over minutes."""
+                    # after a pause for the previous run's exit (freeing its memory) to settle; the
+                    # units the row streams, in sweep order, over as many bytes as it streams per
+                    # token (a smaller region may be served faster by caches below the disk, which
+                    # the row's reads would not enjoy); alone and beside compute, in turns, so the
+                    # drift moves them all alike
                     time.sleep(1.0)
-                    # the units the row streams, in sweep order, over as many bytes as it streams per
-                    # token (a smaller region may be served faster by caches below the disk, which the
-                    # row's reads would not enjoy); alone and beside compute, in turns, so the disk's
-                    # drift moves all three alike
-                    policy, replacement = policy_for(kind, int(pct / 100 * mf.weight_bytes))
-                    sizes = streamed_unit_bytes(mf, policy, replacement)
-                    disks.append(measure_disk(
-                        path, main_weight_type(mf), sorted({0, max(0, args.threads - 1), args.threads}),
-                        seconds=args.disk_seconds, chunk=sizes, region=max(64 * MiB, sum(sizes))))
-                    set_disk(profile, disks[-1], args.threads)
+                    return measure_disk(path, main_type, sorted({0, max(0, args.threads - 1), args.threads}),
+                                        seconds=args.disk_seconds, chunk=sizes, region=max(64 * MiB, sum(sizes)))
+
+                # measured before each run and after the last: the run plans with the figures
+                # before it, the table's prediction uses the mean of those before and after it
+                measures = [measure_machine()]
+                for _ in range(args.repeats):
+                    set_machine(profile, measures[-1], args.threads, calibrated, main_type)
                     profile.save(profile_file)
                     out = subprocess.run([sys.executable, __file__, "--row", str(path), f"{kind}:{pct / 100}",
                                           "--tokens", str(args.tokens), "--threads", str(args.threads),
@@ -213,6 +250,7 @@ def main() -> None:
                     if out.returncode:
                         break
                     runs.append(json.loads(out.stdout))
+                    measures.append(measure_machine())
                 if out.returncode:
                     print(f"{path.name:28s} {kind:14s} {pct:5d}% | failed: {out.stderr.strip().splitlines()[-1]}", flush=True)
                     continue
@@ -222,7 +260,8 @@ def main() -> None:
                 r.update({k: runs[0][k] for k in ("budget", "weight_bytes", "kv_bytes", "largest_unit",
                                                   "compute_threads")})
                 r["peak_rss"] = max(run["peak_rss"] for run in runs)
-                set_disk(profile, {k: statistics.median(d[k] for d in disks) for k in disks[0]}, args.threads)
+                around = [combine(measures[i:i + 2], statistics.mean) for i in range(len(runs))]
+                set_machine(profile, combine(around, statistics.median), args.threads, calibrated, main_type)
                 B, M = r["budget"], r["weight_bytes"]
                 policy, replacement = policy_for(kind, B)
                 plan = plan_offload(mf, policy, profile, replacement=replacement)
@@ -245,7 +284,8 @@ def main() -> None:
                 err = (plan.predicted_tokens_per_s - r["tok_s"]) / r["tok_s"]
                 err_at_row = (at_row.predicted_tokens_per_s - r["tok_s"]) / r["tok_s"]
                 print(f"{path.name:28s} {kind:14s} {pct:5d}% | {r['tok_s']:6.2f} {profile.disk_bytes_per_s / 1e9:5.2f} "
-                      f"{profile.read_rate_beside_compute(True) / 1e9:5.2f} {1 / floor_s:6.2f} {ratio:5.2f} | "
+                      f"{profile.read_rate_beside_compute(True) / 1e9:5.2f} {profile.compute_kept():4.2f} "
+                      f"{profile.compute_rate(main_type, True) / 1e9:5.2f} {1 / floor_s:6.2f} {ratio:5.2f} | "
                       f"{r['bytes_per_token'] / 1e6:11.0f} {(M - B) / 1e6:8.0f} {'yes' if bytes_ok else 'NO':>3s} | "
                       f"{r['stall_share']:5.2f} | {r['peak_rss'] / MiB:8.0f} {rss_limit / MiB:8.0f} {'yes' if rss_ok else 'NO':>3s} | "
                       f"{plan.predicted_tokens_per_s:7.2f} {err:+5.0%} | "

@@ -287,3 +287,50 @@ def test_fresh_page_replay_matches_the_pager():
             measured = (pager.stats.fresh_buffer_bytes - before) / 3
         largest = max(capacity.values())
         assert abs(measured - predicted) <= largest, (replacement, measured, predicted)
+
+
+def test_compute_on_every_thread_slows_beside_reads_as_measured():
+    mf = ModelFile.open(SYNTH)
+    policy = Budget(int(0.4 * mf.weight_bytes))
+    # reads of the 60% streamed take about 0.8 of the compute's time: compute bounds the step
+    rates = dict(compute_bytes_per_s={"Q8_0": 2e9, "F32": 2e9}, layer_overhead_s=0.0, fresh_page_bytes_per_s=1e15,
+                 disk_bytes_per_s=1.5e9, threads=2)
+
+    def plan(kept: float, fewer_rate: float | None = None):
+        fewer = {"compute_bytes_per_s_one_fewer": {"Q8_0": fewer_rate, "F32": fewer_rate}} if fewer_rate else {}
+        return plan_offload(mf, policy, MachineProfile(compute_kept_beside_reads=kept, **rates, **fewer))
+
+    whole, half = plan(1.0), plan(0.5)
+    assert whole.working_compute_seconds_per_token == pytest.approx(whole.compute_seconds_per_token)
+    # C seconds of work beside R seconds of reads take C + R (1 - kept), or C / kept once reads cover it
+    c, r = half.compute_seconds_per_token, half.read_seconds_per_token
+    assert half.working_compute_seconds_per_token == pytest.approx(min(c / 0.5, c + r * 0.5), rel=0.01)
+    assert half.working_compute_seconds_per_token > 1.2 * c
+    assert half.predicted_seconds_per_token > whole.predicted_seconds_per_token
+    # the floor is compute alone, whatever reads cost it
+    assert half.floor_seconds_per_token == whole.floor_seconds_per_token
+    # one thread fewer at 0.8 of the speed: slower than every thread at full speed, faster than every
+    # thread keeping 0.5 of it beside the reads (the reader has a core of its own and costs compute nothing)
+    assert plan(1.0, 1.6e9).compute_threads is None
+    chosen = plan(0.5, 1.6e9)
+    assert chosen.read_seconds_per_token < chosen.working_compute_seconds_per_token
+    assert chosen.compute_threads == 1
+    assert chosen.working_compute_seconds_per_token == pytest.approx(c * 2 / 1.6, rel=1e-6)
+    assert any("kept 50% of its speed" in line for line in chosen.lines())
+
+
+def test_calibration_measures_reads_and_compute_beside_each_other():
+    from pagellm.offload.planner import calibrate, measure_disk
+
+    mf = ModelFile.open(SYNTH)
+    shared = measure_disk(mf.path, "Q8_0", (0, 1, 2), seconds=0.5, chunk=1 << 20)
+    assert set(shared.read) == {0, 1, 2} and all(r > 0 for r in shared.read.values())
+    # compute alone and beside the reads, for each setting that computes
+    assert set(shared.compute) == set(shared.compute_kept) == {1, 2}
+    assert all(r > 0 for r in shared.compute.values()) and all(k > 0 for k in shared.compute_kept.values())
+    profile = calibrate(mf, seconds=0.5, threads=2, save=False)
+    assert profile.measured and profile.threads == 2
+    assert profile.disk_bytes_per_s > 0 and profile.read_rate_beside_compute() > 0
+    # the calibration keeps what it measured, not the default
+    assert profile.compute_kept_beside_reads != MachineProfile().compute_kept_beside_reads
+    assert 0 < profile.compute_kept() <= 1

@@ -202,6 +202,13 @@ class MachineProfile:
     disk_bytes_per_s_beside_compute: float = 0.0
     disk_bytes_per_s_beside_one_fewer: float = 0.0
     compute_bytes_per_s_one_fewer: dict[str, float] = field(default_factory=dict)
+    # The other side of the same sharing: the share of its own speed compute on every thread keeps
+    # while reads run. Here 7B Q4_0 mat-vecs on both cores kept 0.61-0.64 beside O_DIRECT reads,
+    # little faster than on one thread. On one thread fewer the reader has a core of its own and
+    # compute keeps its speed: 7B decoding on one thread beside 0.44 s of reads per token took
+    # 0.575 s per token, against 0.589 in RAM. (The calibration's own loop showed 0.76-0.94 there;
+    # decode does not pay that, so the planner does not use it.)
+    compute_kept_beside_reads: float = 1.0
     # bytes/s at which the kernel maps and zeroes new pages: what a read into fresh memory costs extra
     fresh_page_bytes_per_s: float = 7.0e9
     threads: int = 0
@@ -218,6 +225,10 @@ class MachineProfile:
     def layer_overhead(self, shape: str) -> float:
         """Seconds per block besides the mat-vecs for a model of this ``model_shape``."""
         return self.layer_overhead_s_by_shape.get(shape, self.layer_overhead_s)
+
+    def compute_kept(self, one_fewer: bool = False) -> float:
+        """Share of its speed compute keeps while reads run (on one thread fewer, with the reader apart: all)."""
+        return 1.0 if one_fewer else min(1.0, max(0.05, self.compute_kept_beside_reads))
 
     def read_rate_beside_compute(self, one_fewer: bool = False) -> float:
         """Bytes/s of reads while compute runs on every thread (on one thread fewer: ``one_fewer``)."""
@@ -260,18 +271,32 @@ def streamed_read_bytes(mf: ModelFile) -> list[int]:
     return [min(256 * MiB, u.nbytes) for u in plan_units(mf, 4096)[block]]
 
 
+@dataclass
+class SharedRates:
+    """Reads and compute measured in turns: read rates (bytes/s) by compute threads beside them (0:
+    none); for each thread count, the mat-vecs' weight bytes/s alone and the share of it they kept
+    beside the reads."""
+
+    read: dict[int, float]
+    compute: dict[int, float]
+    compute_kept: dict[int, float]
+
+
 def measure_disk(path: str | os.PathLike[str], ggml_type: str | None = None, threads: Sequence[int] = (0,),
                  seconds: float = 2.0, chunk: int | Sequence[int] = 64 * MiB,
-                 region: int = 1024 * MiB) -> dict[int, float]:
-    """Read rate (bytes/s) of the pager's reads of ``path``, alone (0) and beside compute on each ``threads``.
+                 region: int = 1024 * MiB) -> SharedRates:
+    """Read rate of the pager's reads of ``path``, alone (0) and beside compute on each ``threads``,
+    and what the reads cost that compute.
 
     Reads are the pager's: O_DIRECT into a huge-page buffer, the sizes in ``chunk`` in turn (the
     streamed units in sweep order: small reads run slower, here 9 MiB at 1.6 GB/s against 76 MiB
     at 2.1), cycling over ``region`` bytes. A first untimed pass warms the region: decoding re-reads
     the same layers every token, and a virtual disk backed by the host's cache serves repeats
     faster than first reads. Beside compute, mat-vecs of ``ggml_type`` run on the given number of
-    threads in a background thread. The settings take turns in short slices, so a disk whose rate
-    drifts over minutes (a shared virtual disk) moves them all alike and their ratios hold.
+    threads in a background thread; each such setting also runs a slice with no reads, and the
+    mat-vecs done in the two give compute's speed and its kept share. The settings take turns in
+    short slices, so a disk whose rate drifts over minutes (a shared virtual disk) moves them all
+    alike and their ratios hold.
     """
     import threading
 
@@ -291,6 +316,7 @@ def measure_disk(path: str | os.PathLike[str], ggml_type: str | None = None, thr
 
     wanted = [0]  # the setting the compute thread is asked for (threads; 0 idle; -1 end)
     running = [0]  # the setting it is in
+    computed = [0]  # weight bytes the compute thread has multiplied so far
     changed = threading.Condition()
 
     def compute() -> None:
@@ -314,6 +340,7 @@ def measure_disk(path: str | os.PathLike[str], ggml_type: str | None = None, thr
             pin_thread(0, placed(k)[0])
             kernels.set_num_threads(k)
             kernels.matvec(copies[n % len(copies)], qtype, cols, x)
+            computed[0] += w.nbytes
             n += 1
 
     worker = None
@@ -333,7 +360,10 @@ def measure_disk(path: str | os.PathLike[str], ggml_type: str | None = None, thr
         time.sleep(0.02)  # the setting has taken hold
 
     sizes = [int(chunk)] if isinstance(chunk, int) else [int(c) for c in chunk]
-    totals = {k: [0, 0.0] for k in settings}
+    # per setting, one figure per round: read bytes/s; compute's bytes/s alone and its kept share
+    reads: dict[int, list[float]] = {k: [] for k in settings}
+    alone: dict[int, list[float]] = {k: [] for k in settings if k}
+    kept: dict[int, list[float]] = {k: [] for k in settings if k}
     try:
         with FileSource(path) as src:
             if src.mode != "direct":
@@ -342,7 +372,7 @@ def measure_disk(path: str | os.PathLike[str], ggml_type: str | None = None, thr
             limit = min(src.file_size, max(region, max(sizes)))
             cursor = [0, 0]  # next size, next offset: the reads go on across slices, cycling the region
 
-            def read_for(duration: float) -> tuple[int, float]:
+            def read_for(duration: float) -> int:
                 done, t0 = 0, time.perf_counter()
                 while time.perf_counter() - t0 < duration:
                     n = min(sizes[cursor[0] % len(sizes)], src.file_size)
@@ -352,26 +382,45 @@ def measure_disk(path: str | os.PathLike[str], ggml_type: str | None = None, thr
                     cursor[0] += 1
                     cursor[1] += n
                     done += n
-                return done, time.perf_counter() - t0
+                return done
+
+            def idle(duration: float) -> int:
+                time.sleep(duration)
+                return 0
+
+            def timed(k: int, work: Callable[[float], int], duration: float) -> tuple[float, float]:
+                """(bytes read/s, weight bytes computed/s) while ``work`` runs in setting ``k``."""
+                switch(k)
+                c0, t0 = computed[0], time.perf_counter()
+                with pinned(placed(k)[1]):
+                    done = work(duration)
+                spent = time.perf_counter() - t0
+                return done / spent, (computed[0] - c0) / spent
 
             slice_s = 0.4
             for k in settings:  # the untimed pass
-                switch(k)
-                with pinned(placed(k)[1]):
-                    read_for(slice_s / 2)
+                timed(k, read_for, slice_s / 2)
+            # A figure per round and the median of the rounds: a disk that stalls for a slice (here
+            # once 1.3 GB/s among slices at 2.3) moves one round, not the result.
             deadline = time.perf_counter() + seconds
-            while time.perf_counter() < deadline or any(t[1] == 0 for t in totals.values()):
+            while time.perf_counter() < deadline or not reads[settings[0]]:
                 for k in settings:
-                    switch(k)
-                    with pinned(placed(k)[1]):
-                        done, spent = read_for(slice_s)
-                    totals[k][0] += done
-                    totals[k][1] += spent
+                    read_rate, beside = timed(k, read_for, slice_s)
+                    reads[k].append(read_rate)
+                    if k:
+                        own = timed(k, idle, slice_s)[1]
+                        if own > 0:
+                            alone[k].append(own)
+                            kept[k].append(beside / own)
     finally:
         switch(-1)
         if worker is not None:
             worker.join()
-    return {k: b / max(t, 1e-9) for k, (b, t) in totals.items()}
+
+    def median(rates: dict[int, list[float]]) -> dict[int, float]:
+        return {k: float(np.median(v)) for k, v in rates.items() if v}
+
+    return SharedRates(median(reads), median(alone), median(kept))
 
 
 def main_weight_type(mf: ModelFile) -> str:
@@ -478,8 +527,9 @@ def calibrate(
         progress("disk")
     # alone, and (with cores to share) beside compute on every thread and on one fewer, in turns
     settings = [0, n_threads - 1, n_threads] if n_threads > 1 else [0]
-    read_rates = measure_disk(mf.path, main_weight_type(mf), settings, seconds=max(1.5, seconds * 0.8),
-                              chunk=streamed_read_bytes(mf))
+    shared = measure_disk(mf.path, main_weight_type(mf), settings, seconds=max(1.5, seconds * 0.8),
+                          chunk=streamed_read_bytes(mf))
+    read_rates = shared.read
     if progress:
         progress("compute")
     rates = measure_compute(types, threads, seconds_each=max(0.1, seconds * 0.5 / max(1, len(types))))
@@ -494,6 +544,7 @@ def calibrate(
     profile.disk_bytes_per_s = read_rates[0]
     profile.disk_bytes_per_s_beside_compute = read_rates.get(n_threads, 0.0) if n_threads > 1 else 0.0
     profile.disk_bytes_per_s_beside_one_fewer = read_rates.get(n_threads - 1, 0.0) if n_threads > 1 else 0.0
+    profile.compute_kept_beside_reads = shared.compute_kept.get(n_threads, 1.0)
     profile.fresh_page_bytes_per_s = measure_fresh_pages()
     profile.compute_bytes_per_s.update(rates)
     profile.compute_bytes_per_s_one_fewer.update(fewer)
@@ -525,6 +576,8 @@ class Plan:
     floor_seconds_per_token: float
     profile: MachineProfile
     compute_threads: int | None = None  # threads the mat-vecs run on while layers stream (None: all)
+    # compute as the step runs it: on ``compute_threads``, slowed where reads run beside it
+    working_compute_seconds_per_token: float = 0.0
 
     @property
     def pinned(self) -> tuple[str, ...]:
@@ -572,13 +625,15 @@ class Plan:
             f"row reads {'':>11}  {names(p.row_read)} (one row per token)",
             f"reads per token {format_size(self.predicted_bytes_per_token)}; "
             f"disk {prof.disk_bytes_per_s / 1e9:.2f} GB/s ({prof.source})",
-            f"compute {self.compute_seconds_per_token * 1e3:.1f} ms/token, reads {self.read_seconds_per_token * 1e3:.1f} ms/token"
+            f"compute {self.compute_seconds_per_token * 1e3:.1f} ms/token alone on every thread, "
+            f"{self.working_compute_seconds_per_token * 1e3:.1f} as the step runs it; reads {self.read_seconds_per_token * 1e3:.1f} ms/token"
             + (f" (at {self.predicted_bytes_per_token / self.read_seconds_per_token / 1e9:.2f} GB/s: slower beside "
                "compute, the disk's own rate while compute waits)" if self.read_seconds_per_token > 0 else "")
             + f", stall {self.predicted_stall_seconds_per_token * 1e3:.1f} ms/token",
             "compute threads: "
             + (f"{self.compute_threads} (one core left to the reader, kept on a CPU of its own; reads ran at "
-               f"{prof.read_rate_beside_compute() / 1e9:.2f} GB/s beside compute on every thread)"
+               f"{prof.read_rate_beside_compute() / 1e9:.2f} GB/s beside compute on every thread, which kept "
+               f"{prof.compute_kept():.0%} of its speed beside them)"
                if self.compute_threads else "all"),
             f"predicted {self.predicted_tokens_per_s:.2f} tokens/s; floor {1 / self.floor_seconds_per_token:.2f} tokens/s "
             f"(ratio {self.ratio_to_floor:.2f})",
@@ -822,36 +877,41 @@ def plan_offload(
     room = (budget - sum(capacities[u] for u in placement.pinned + placement.resident)
             if budget is not None and prefetch > 0 else None)
     for fewer in (False, True) if streamed and threads > 1 and profile.compute_bytes_per_s_one_fewer else (False,):
-        beside, compute_fewer = profile.read_rate_beside_compute(fewer), compute_seconds(fewer)
-        disk = beside
+        beside, alone_s = profile.read_rate_beside_compute(fewer), compute_seconds(fewer)
+        kept, disk, slowed = profile.compute_kept(fewer), beside, 1.0
         # Reads run beside compute only while it computes; while it waits for them they run at the
-        # disk's own rate. So the rate is the two blended by compute's share of the step, found by
-        # iterating until it moves by under 0.5% (two or three rounds).
-        for _ in range(5):
+        # disk's own rate. So the rate is the two blended by compute's share of the step. Compute in
+        # turn keeps only part of its speed while reads run: its C seconds of work, overlapped by R
+        # seconds of reads, take C + R (1 - kept), or C / kept once reads cover it all. Both are
+        # found by iterating until they move by under 0.5% (two or three rounds).
+        for _ in range(8):
+            compute_s_used = {u: s * slowed for u, s in alone_s.items()}
             read_s = {u: payload[u] / disk + fresh_s[u] for u in order}
-            seconds, stall = simulate_step(order, streamed, read_s, compute_fewer, slots, min(prefetch, slots - 1),
+            seconds, stall = simulate_step(order, streamed, read_s, compute_s_used, slots, min(prefetch, slots - 1),
                                            capacities, room)
-            busy = min(1.0, sum(compute_fewer.values()) / max(seconds, 1e-9))
+            work, reading = sum(alone_s.values()), sum(read_s[u] for u in streamed)
+            busy = min(1.0, work * slowed / max(seconds, 1e-9))
             blended = busy * beside + (1 - busy) * profile.disk_bytes_per_s
-            if abs(blended - disk) < 0.005 * disk:
+            to_slow = min(1 / kept, 1 + reading * (1 - kept) / max(work, 1e-12))
+            if abs(blended - disk) < 0.005 * disk and abs(to_slow - slowed) < 0.005 * slowed:
                 break
-            disk = blended
-        options.append((seconds, stall, bytes_per_token / disk, threads - 1 if fewer else None))
+            disk, slowed = blended, to_slow
+        options.append((seconds, stall, bytes_per_token / disk, threads - 1 if fewer else None, work * slowed))
     if streamed:
         # Leave the reader a core where reads bound the step even on one thread fewer: compute gives
-        # up nothing it would not wait out anyway. On 7B Q4_0 at 50% here, three alternating runs
-        # each way read at 2.00-2.07 GB/s and decoded 1.00-1.04 tokens/s with a core left, against
-        # 1.82-2.01 and 0.92-1.01 on both cores, which the plan had chosen from a calibration
-        # whose compute never pauses. Elsewhere one thread fewer only where it is clearly faster.
-        read_bound = len(options) == 2 and options[1][2] >= sum(compute_seconds(True).values())
+        # up nothing it would not wait out anyway. Elsewhere one thread fewer only where it is
+        # clearly faster. (On 7B Q4_0 at 50% and 75% here, alternating runs each way decoded 3-10%
+        # faster with a core left; compute on both cores kept 0.7 of its speed beside the reads.)
+        read_bound = len(options) == 2 and options[1][2] >= options[1][4]
         clearly_faster = len(options) == 2 and options[1][0] < 0.99 * options[0][0]
-        seconds, stall, reads, compute_threads = options[1] if read_bound or clearly_faster else options[0]
+        seconds, stall, reads, compute_threads, working = options[1] if read_bound or clearly_faster else options[0]
     else:
-        seconds, stall, reads, compute_threads = compute, 0.0, bytes_per_token / profile.disk_bytes_per_s, None
+        seconds, stall, reads, compute_threads, working = (compute, 0.0, bytes_per_token / profile.disk_bytes_per_s,
+                                                           None, compute)
     floor_bytes = max(0, mf.weight_bytes - budget) if budget is not None else 0
     floor = max(compute, floor_bytes / profile.disk_bytes_per_s)
     return Plan(placement, mf.weight_bytes, payload, bytes_per_token, compute, reads, stall, max(seconds, 1e-9), floor, profile,
-                compute_threads)
+                compute_threads, working)
 
 
 # -- automatic budget ----------------------------------------------------------------------------
