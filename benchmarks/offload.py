@@ -74,12 +74,12 @@ def combine(measures: list, how: Callable[[list[float]], float]):
                          for field in ("read", "compute", "compute_kept")))
 
 
-def streamed_unit_bytes(mf, policy, replacement: str) -> list[int]:
-    """Bytes of the units a policy streams each token, in sweep order (what the pager reads)."""
-    from pagellm.offload.planner import plan_offload
+def streamed_reads(mf, policy, replacement: str) -> list[tuple[int, int]]:
+    """The file ranges (offset, bytes) a policy streams each token, in sweep order (what the pager reads)."""
+    from pagellm.offload.planner import plan_offload, sweep_reads
 
     plan = plan_offload(mf, policy, replacement=replacement)
-    return [plan.unit_bytes[u] for u in plan.placement.streamed] or [64 * MiB]
+    return sweep_reads(mf, plan.placement.streamed) if plan.placement.streamed else sweep_reads(mf, most=64 * MiB)
 
 
 def run_row(path: str, kind: str, fraction: float, tokens: int, threads: int, warmup: int,
@@ -224,18 +224,17 @@ def main() -> None:
             for kind in args.policies.split(","):
                 runs = []
                 policy, replacement = policy_for(kind, int(pct / 100 * mf.weight_bytes))
-                sizes = streamed_unit_bytes(mf, policy, replacement)
+                reads = streamed_reads(mf, policy, replacement)
 
                 def measure_machine():
                     """Disk and compute, measured again: both drift here over minutes."""
                     # after a pause for the previous run's exit (freeing its memory) to settle; the
-                    # units the row streams, in sweep order, over as many bytes as it streams per
-                    # token (a smaller region may be served faster by caches below the disk, which
-                    # the row's reads would not enjoy); alone and beside compute, in turns, so the
-                    # drift moves them all alike
+                    # very ranges the row streams, in sweep order (a virtual disk's host caches what
+                    # the row re-reads each token: other ranges of as many bytes read up to 14%
+                    # slower); alone and beside compute, in turns, so the drift moves them all alike
                     time.sleep(1.0)
-                    return measure_disk(path, main_type, sorted({0, max(0, args.threads - 1), args.threads}),
-                                        seconds=args.disk_seconds, chunk=sizes, region=max(64 * MiB, sum(sizes)))
+                    return measure_disk(path, reads, main_type, sorted({0, max(0, args.threads - 1), args.threads}),
+                                        seconds=args.disk_seconds)
 
                 # measured before each run and after the last: the run plans with the figures
                 # before it, the table's prediction uses the mean of those before and after it

@@ -1,4 +1,6 @@
+import os
 import time
+
 import pytest
 from shared_paths import fixture_path
 
@@ -320,10 +322,15 @@ def test_compute_on_every_thread_slows_beside_reads_as_measured():
 
 
 def test_calibration_measures_reads_and_compute_beside_each_other():
-    from pagellm.offload.planner import calibrate, measure_disk
+    from pagellm.offload.planner import calibrate, measure_disk, sweep_reads
 
     mf = ModelFile.open(SYNTH)
-    shared = measure_disk(mf.path, "Q8_0", (0, 1, 2), seconds=0.5, chunk=1 << 20)
+    reads = sweep_reads(mf)
+    assert reads and all(0 < o and o + n <= os.path.getsize(mf.path) for o, n in reads)
+    # what a plan streams: exactly its streamed units' bytes
+    plan = plan_offload(mf, Budget(int(0.4 * mf.weight_bytes)))
+    assert sum(n for _, n in sweep_reads(mf, plan.placement.streamed)) == sum(plan.unit_bytes[u] for u in plan.streamed)
+    shared = measure_disk(mf.path, reads, "Q8_0", (0, 1, 2), seconds=0.5)
     assert set(shared.read) == {0, 1, 2} and all(r > 0 for r in shared.read.values())
     # compute alone and beside the reads, for each setting that computes
     assert set(shared.compute) == set(shared.compute_kept) == {1, 2}

@@ -26,7 +26,7 @@ from gguf import GGMLQuantizationType
 
 from pagellm.modelfile import TOKEN_EMBEDDING, ModelFile
 from pagellm.offload.cpus import available_cpus, pin_thread, pinned, split_for_reader
-from pagellm.offload.policy import AnyPolicy, PinnedHotSet, format_size
+from pagellm.offload.policy import AnyPolicy, NoOffload, PinnedHotSet, format_size
 
 MiB = 2**20
 RUNTIME_HEADROOM_BYTES = 256 * MiB  # interpreter, numba, activations, logits: measured ~100-150 MiB
@@ -261,14 +261,24 @@ class MachineProfile:
         os.replace(tmp, path)
 
 
-def streamed_read_bytes(mf: ModelFile) -> list[int]:
-    """The read sizes to calibrate with: the units of the largest block, which is most of what streams."""
-    from pagellm.offload.pager import plan_units
+def sweep_reads(mf: ModelFile, units: Sequence[str] | None = None, most: int = 1024 * MiB,
+                alignment: int = 4096) -> list[tuple[int, int]]:
+    """The pager's reads (file offset, bytes) of ``units`` in sweep order; by default the sweep's
+    first ``most`` bytes, the token embedding aside (decode reads one row of it)."""
+    from pagellm.offload.pager import LayerPager
 
-    if not mf.block_groups:
-        return [64 * MiB]
-    block = max(mf.block_groups, key=mf.group_bytes)
-    return [min(256 * MiB, u.nbytes) for u in plan_units(mf, 4096)[block]]
+    all_units, order, _, _ = LayerPager.describe(mf, NoOffload(), alignment)
+    by_name = {u.name: u for u in all_units}
+    wanted = set(units) if units is not None else None
+    reads: list[tuple[int, int]] = []
+    for name in order:
+        unit = by_name[name]
+        if (wanted is not None and name not in wanted) or (wanted is None and unit.group == TOKEN_EMBEDDING):
+            continue
+        reads += [(e.file_offset, e.nbytes) for e in unit.extents]
+        if wanted is None and sum(n for _, n in reads) >= most:
+            break
+    return reads
 
 
 @dataclass
@@ -282,17 +292,16 @@ class SharedRates:
     compute_kept: dict[int, float]
 
 
-def measure_disk(path: str | os.PathLike[str], ggml_type: str | None = None, threads: Sequence[int] = (0,),
-                 seconds: float = 2.0, chunk: int | Sequence[int] = 64 * MiB,
-                 region: int = 1024 * MiB) -> SharedRates:
+def measure_disk(path: str | os.PathLike[str], reads: Sequence[tuple[int, int]], ggml_type: str | None = None,
+                 threads: Sequence[int] = (0,), seconds: float = 2.0) -> SharedRates:
     """Read rate of the pager's reads of ``path``, alone (0) and beside compute on each ``threads``,
     and what the reads cost that compute.
 
-    Reads are the pager's: O_DIRECT into a huge-page buffer, the sizes in ``chunk`` in turn (the
-    streamed units in sweep order: small reads run slower, here 9 MiB at 1.6 GB/s against 76 MiB
-    at 2.1), cycling over ``region`` bytes. A first untimed pass warms the region: decoding re-reads
-    the same layers every token, and a virtual disk backed by the host's cache serves repeats
-    faster than first reads. Beside compute, mat-vecs of ``ggml_type`` run on the given number of
+    Reads are the pager's: O_DIRECT into a huge-page buffer, the file ranges ``reads`` (offset,
+    bytes) in turn, cycling: the units a decode streams, in sweep order (``sweep_reads``), since
+    small reads run slower (here 9 MiB at 1.6 GB/s against 76 MiB at 2.1). A first untimed pass
+    reads them all once: decoding re-reads the same units every token, and a virtual disk backed
+    by the host's cache serves repeats faster than first reads. Beside compute, mat-vecs of ``ggml_type`` run on the given number of
     threads in a background thread; each such setting also runs a slice with no reads, and the
     mat-vecs done in the two give compute's speed and its kept share. The settings take turns in
     short slices, so a disk whose rate drifts over minutes (a shared virtual disk) moves them all
@@ -359,28 +368,26 @@ def measure_disk(path: str | os.PathLike[str], ggml_type: str | None = None, thr
             changed.wait_for(lambda: running[0] == k, timeout=10)
         time.sleep(0.02)  # the setting has taken hold
 
-    sizes = [int(chunk)] if isinstance(chunk, int) else [int(c) for c in chunk]
+    reads = [(int(o), int(n)) for o, n in reads]
+    if not reads:
+        raise ValueError("measure_disk needs at least one range to read")
     # per setting, one figure per round: read bytes/s; compute's bytes/s alone and its kept share
-    reads: dict[int, list[float]] = {k: [] for k in settings}
+    read_rates: dict[int, list[float]] = {k: [] for k in settings}
     alone: dict[int, list[float]] = {k: [] for k in settings if k}
     kept: dict[int, list[float]] = {k: [] for k in settings if k}
     try:
         with FileSource(path) as src:
             if src.mode != "direct":
                 src.evict_page_cache()
-            buffer = allocate_buffer(max(sizes) + 2 * src.alignment)
-            limit = min(src.file_size, max(region, max(sizes)))
-            cursor = [0, 0]  # next size, next offset: the reads go on across slices, cycling the region
+            buffer = allocate_buffer(max(n for _, n in reads) + 2 * src.alignment)
+            cursor = [0]  # the next of ``reads``: they go on across slices, cycling
 
-            def read_for(duration: float) -> int:
+            def read_for(duration: float, most: float = float("inf")) -> int:
                 done, t0 = 0, time.perf_counter()
-                while time.perf_counter() - t0 < duration:
-                    n = min(sizes[cursor[0] % len(sizes)], src.file_size)
-                    if cursor[1] + n > limit:
-                        cursor[1] = 0
-                    src.read_into(cursor[1], n, buffer)
+                while time.perf_counter() - t0 < duration and done < most:
+                    offset, n = reads[cursor[0] % len(reads)]
+                    src.read_into(offset, n, buffer)
                     cursor[0] += 1
-                    cursor[1] += n
                     done += n
                 return done
 
@@ -398,15 +405,21 @@ def measure_disk(path: str | os.PathLike[str], ggml_type: str | None = None, thr
                 return done / spent, (computed[0] - c0) / spent
 
             slice_s = 0.4
-            for k in settings:  # the untimed pass
+            # The untimed pass: every range once (for at most a few seconds), then a short slice
+            # in each setting. Decoding re-reads the same units every token, and a virtual disk
+            # backed by the host's cache serves repeats faster than first reads: the rows of
+            # benchmarks/offload.py read 14% faster than the first bytes of the file, warmed only
+            # in part, had measured.
+            read_for(max(4.0, seconds), most=sum(n for _, n in reads))
+            for k in settings:
                 timed(k, read_for, slice_s / 2)
             # A figure per round and the median of the rounds: a disk that stalls for a slice (here
             # once 1.3 GB/s among slices at 2.3) moves one round, not the result.
             deadline = time.perf_counter() + seconds
-            while time.perf_counter() < deadline or not reads[settings[0]]:
+            while time.perf_counter() < deadline or not read_rates[settings[0]]:
                 for k in settings:
                     read_rate, beside = timed(k, read_for, slice_s)
-                    reads[k].append(read_rate)
+                    read_rates[k].append(read_rate)
                     if k:
                         own = timed(k, idle, slice_s)[1]
                         if own > 0:
@@ -420,7 +433,7 @@ def measure_disk(path: str | os.PathLike[str], ggml_type: str | None = None, thr
     def median(rates: dict[int, list[float]]) -> dict[int, float]:
         return {k: float(np.median(v)) for k, v in rates.items() if v}
 
-    return SharedRates(median(reads), median(alone), median(kept))
+    return SharedRates(median(read_rates), median(alone), median(kept))
 
 
 def main_weight_type(mf: ModelFile) -> str:
@@ -527,8 +540,7 @@ def calibrate(
         progress("disk")
     # alone, and (with cores to share) beside compute on every thread and on one fewer, in turns
     settings = [0, n_threads - 1, n_threads] if n_threads > 1 else [0]
-    shared = measure_disk(mf.path, main_weight_type(mf), settings, seconds=max(1.5, seconds * 0.8),
-                          chunk=streamed_read_bytes(mf))
+    shared = measure_disk(mf.path, sweep_reads(mf), main_weight_type(mf), settings, seconds=max(1.5, seconds * 0.8))
     read_rates = shared.read
     if progress:
         progress("compute")
