@@ -638,7 +638,8 @@ class Plan:
             f"reads per token {format_size(self.predicted_bytes_per_token)}; "
             f"disk {prof.disk_bytes_per_s / 1e9:.2f} GB/s ({prof.source})",
             f"compute {self.compute_seconds_per_token * 1e3:.1f} ms/token alone on every thread, "
-            f"{self.working_compute_seconds_per_token * 1e3:.1f} as the step runs it; reads {self.read_seconds_per_token * 1e3:.1f} ms/token"
+            f"{self.working_compute_seconds_per_token * 1e3:.1f} ms as the step runs it; "
+            f"reads {self.read_seconds_per_token * 1e3:.1f} ms/token"
             + (f" (at {self.predicted_bytes_per_token / self.read_seconds_per_token / 1e9:.2f} GB/s: slower beside "
                "compute, the disk's own rate while compute waits)" if self.read_seconds_per_token > 0 else "")
             + f", stall {self.predicted_stall_seconds_per_token * 1e3:.1f} ms/token",
@@ -913,7 +914,7 @@ def plan_offload(
         # Leave the reader a core where reads bound the step even on one thread fewer: compute gives
         # up nothing it would not wait out anyway. Elsewhere one thread fewer only where it is
         # clearly faster. (On 7B Q4_0 at 50% and 75% here, alternating runs each way decoded 3-10%
-        # faster with a core left; compute on both cores kept 0.7 of its speed beside the reads.)
+        # faster with a core left; compute on both cores kept about 0.65 of its speed beside the reads.)
         read_bound = len(options) == 2 and options[1][2] >= options[1][4]
         clearly_faster = len(options) == 2 and options[1][0] < 0.99 * options[0][0]
         seconds, stall, reads, compute_threads, working = options[1] if read_bound or clearly_faster else options[0]
