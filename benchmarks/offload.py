@@ -206,7 +206,8 @@ def main() -> None:
           "over runs)")
     print("thr: compute threads (the plan's choice: all, or one fewer to leave the reader a core); fresh MB: buffer bytes per token "
           "the pager had to map anew (the kernel zeroes them) rather than reuse")
-    print("floor = max(compute, (M - B) / disk); ratio = floor time / measured time; "
+    print("floor = max(compute, (M - B) / the disk's bandwidth), the bandwidth being the fastest of disk and d|n-1 "
+          "(reads alone sometimes measure slower here than beside compute); ratio = floor time / measured time; "
           "planned: the planner's tok/s from the calibration and that disk figure; "
           "after reads: the ratio and the plan again with the rate the row's own reads achieved as the disk's")
     header = (f"{'model':28s} {'policy':14s} {'budget':>6s} | {'tok/s':>6s} {'disk':>5s} {'d|n-1':>5s} {'kept':>4s} "
@@ -272,7 +273,11 @@ def main() -> None:
                     disk_bytes_per_s_beside_compute=profile.read_rate_beside_compute() * scale,
                     disk_bytes_per_s_beside_one_fewer=profile.read_rate_beside_compute(True) * scale)
                 at_row = plan_offload(mf, policy, at_row_profile, replacement=replacement)
-                floor_s = max(plan.compute_seconds_per_token, (M - B) / profile.disk_bytes_per_s)
+                # The disk delivers at least the fastest rate it was measured at: alone, or beside
+                # compute on one thread fewer, which on small reads here sometimes measured faster
+                # (idle cores seem to answer completions later); the slower would flatter the ratio.
+                bandwidth = max(profile.disk_bytes_per_s, profile.read_rate_beside_compute(True))
+                floor_s = max(plan.compute_seconds_per_token, (M - B) / bandwidth)
                 ratio = r["tok_s"] * floor_s
                 # the same ratio with the rate the row's own reads achieved as the disk's (kinder where
                 # the disk drifted down during the row, stricter where it drifted up)
