@@ -197,8 +197,8 @@ def main() -> None:
           + "; new pages at "
           f"{profile.fresh_page_bytes_per_s / 1e9:.2f} GB/s; {args.threads} threads")
     profile_file = Path(tempfile.mkdtemp(prefix="pagellm-bench-")) / "profile.json"
-    print("disk: GB/s of the disk measured alone around the row (O_DIRECT reads of the units the row streams, in "
-          "sweep order, cycling over as many bytes, in turns with the same reads beside compute on one thread fewer "
+    print("disk: GB/s of the disk measured alone around the row (O_DIRECT reads, warm, of the very ranges the row streams, in "
+          "sweep order, in turns with the same reads beside compute on one thread fewer "
           "and on every thread, which the plan uses); reads: GB/s the row's own reads achieved")
     print("d|n-1: GB/s of reads beside compute on one thread fewer, measured in turns with disk; kept: the share of "
           "its speed compute on every thread kept beside those reads; c|n-1: GB/s of the main type's mat-vecs on one "
