@@ -54,11 +54,7 @@ def set_machine(profile, shared, threads: int, calibrated, main_type: str) -> No
     ``calibrated`` compute rates scaled to the speed ``main_type``'s mat-vecs had (a virtual
     machine's cores drift too: one thread ran 7B Q4_0 at 6.6 GB/s in one calibration and 7.8 in
     another)."""
-    rates = shared.read
-    profile.disk_bytes_per_s = rates[0]
-    profile.disk_bytes_per_s_beside_compute = rates[threads]
-    profile.disk_bytes_per_s_beside_one_fewer = rates[threads - 1] if threads > 1 else rates[0]
-    profile.compute_kept_beside_reads = shared.compute_kept.get(threads, 1.0)
+    profile.use_shared_rates(shared, threads)
     for scaled, measured, k in ((profile.compute_bytes_per_s, calibrated.compute_bytes_per_s, threads),
                                 (profile.compute_bytes_per_s_one_fewer, calibrated.compute_bytes_per_s_one_fewer,
                                  threads - 1)):
@@ -70,8 +66,10 @@ def combine(measures: list, how: Callable[[list[float]], float]):
     """One set of machine figures from several, each figure combined by ``how`` (mean, median)."""
     from pagellm.offload.planner import SharedRates
 
-    return SharedRates(*({k: how([getattr(m, field)[k] for m in measures]) for k in getattr(measures[0], field)}
-                         for field in ("read", "compute", "compute_kept")))
+    def each(field: str) -> dict[int, float]:
+        return {k: how([getattr(m, field)[k] for m in measures]) for k in getattr(measures[0], field)}
+
+    return SharedRates(read=each("read"), compute=each("compute"), compute_kept=each("compute_kept"))
 
 
 def streamed_reads(mf, policy, replacement: str) -> list[tuple[int, int]]:

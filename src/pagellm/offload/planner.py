@@ -230,6 +230,14 @@ class MachineProfile:
         """Share of its speed compute keeps while reads run (on one thread fewer, with the reader apart: all)."""
         return 1.0 if one_fewer else min(1.0, max(0.05, self.compute_kept_beside_reads))
 
+    def use_shared_rates(self, shared: "SharedRates", threads: int) -> None:
+        """Take the read rates (alone, beside compute on ``threads`` and on one fewer) and compute's
+        kept share that ``measure_disk`` measured; a setting it did not measure reads as alone."""
+        self.disk_bytes_per_s = shared.read[0]
+        self.disk_bytes_per_s_beside_compute = shared.read.get(threads, 0.0)
+        self.disk_bytes_per_s_beside_one_fewer = shared.read.get(threads - 1, 0.0) if threads > 1 else 0.0
+        self.compute_kept_beside_reads = shared.compute_kept.get(threads, 1.0)
+
     def read_rate_beside_compute(self, one_fewer: bool = False) -> float:
         """Bytes/s of reads while compute runs on every thread (on one thread fewer: ``one_fewer``)."""
         rate = self.disk_bytes_per_s_beside_one_fewer if one_fewer else self.disk_bytes_per_s_beside_compute
@@ -271,12 +279,14 @@ def sweep_reads(mf: ModelFile, units: Sequence[str] | None = None, most: int = 1
     by_name = {u.name: u for u in all_units}
     wanted = set(units) if units is not None else None
     reads: list[tuple[int, int]] = []
+    total = 0
     for name in order:
         unit = by_name[name]
         if (wanted is not None and name not in wanted) or (wanted is None and unit.group == TOKEN_EMBEDDING):
             continue
         reads += [(e.file_offset, e.nbytes) for e in unit.extents]
-        if wanted is None and sum(n for _, n in reads) >= most:
+        total += unit.nbytes
+        if wanted is None and total >= most:
             break
     return reads
 
@@ -301,11 +311,11 @@ def measure_disk(path: str | os.PathLike[str], reads: Sequence[tuple[int, int]],
     bytes) in turn, cycling: the units a decode streams, in sweep order (``sweep_reads``), since
     small reads run slower (here 9 MiB at 1.6 GB/s against 76 MiB at 2.1). A first untimed pass
     reads them all once: decoding re-reads the same units every token, and a virtual disk backed
-    by the host's cache serves repeats faster than first reads. Beside compute, mat-vecs of ``ggml_type`` run on the given number of
-    threads in a background thread; each such setting also runs a slice with no reads, and the
-    mat-vecs done in the two give compute's speed and its kept share. The settings take turns in
-    short slices, so a disk whose rate drifts over minutes (a shared virtual disk) moves them all
-    alike and their ratios hold.
+    by the host's cache serves repeats faster than first reads. Beside compute, mat-vecs of
+    ``ggml_type`` run on the given number of threads in a background thread; each such setting
+    also runs a slice with no reads, and the mat-vecs done in the two give compute's speed and its
+    kept share. The settings take turns in short slices, so a disk whose rate drifts over minutes
+    (a shared virtual disk) moves them all alike and their ratios hold.
     """
     import threading
 
@@ -541,7 +551,6 @@ def calibrate(
     # alone, and (with cores to share) beside compute on every thread and on one fewer, in turns
     settings = [0, n_threads - 1, n_threads] if n_threads > 1 else [0]
     shared = measure_disk(mf.path, sweep_reads(mf), main_weight_type(mf), settings, seconds=max(1.5, seconds * 0.8))
-    read_rates = shared.read
     if progress:
         progress("compute")
     rates = measure_compute(types, threads, seconds_each=max(0.1, seconds * 0.5 / max(1, len(types))))
@@ -553,10 +562,7 @@ def calibrate(
         kernels.set_num_threads(n_threads)
     overhead = measure_layer_overhead(mf)
     profile = MachineProfile.load_or_default()
-    profile.disk_bytes_per_s = read_rates[0]
-    profile.disk_bytes_per_s_beside_compute = read_rates.get(n_threads, 0.0) if n_threads > 1 else 0.0
-    profile.disk_bytes_per_s_beside_one_fewer = read_rates.get(n_threads - 1, 0.0) if n_threads > 1 else 0.0
-    profile.compute_kept_beside_reads = shared.compute_kept.get(n_threads, 1.0)
+    profile.use_shared_rates(shared, n_threads)
     profile.fresh_page_bytes_per_s = measure_fresh_pages()
     profile.compute_bytes_per_s.update(rates)
     profile.compute_bytes_per_s_one_fewer.update(fewer)
@@ -892,6 +898,7 @@ def plan_offload(
     for fewer in (False, True) if streamed and threads > 1 and profile.compute_bytes_per_s_one_fewer else (False,):
         beside, alone_s = profile.read_rate_beside_compute(fewer), compute_seconds(fewer)
         kept, disk, slowed = profile.compute_kept(fewer), beside, 1.0
+        work = sum(alone_s.values())
         # Reads run beside compute only while it computes; while it waits for them they run at the
         # disk's own rate. So the rate is the two blended by compute's share of the step. Compute in
         # turn keeps only part of its speed while reads run: its C seconds of work, overlapped by R
@@ -902,7 +909,7 @@ def plan_offload(
             read_s = {u: payload[u] / disk + fresh_s[u] for u in order}
             seconds, stall = simulate_step(order, streamed, read_s, compute_s_used, slots, min(prefetch, slots - 1),
                                            capacities, room)
-            work, reading = sum(alone_s.values()), sum(read_s[u] for u in streamed)
+            reading = sum(read_s[u] for u in streamed)
             busy = min(1.0, work * slowed / max(seconds, 1e-9))
             blended = busy * beside + (1 - busy) * profile.disk_bytes_per_s
             to_slow = min(1 / kept, 1 + reading * (1 - kept) / max(work, 1e-12))
