@@ -72,11 +72,11 @@ def combine(measures: list, how: Callable[[list[float]], float]):
     return SharedRates(read=each("read"), compute=each("compute"), compute_kept=each("compute_kept"))
 
 
-def streamed_reads(mf, policy, replacement: str) -> list[tuple[int, int]]:
+def streamed_reads(mf, policy, replacement: str, profile) -> list[tuple[int, int]]:
     """The file ranges (offset, bytes) a policy streams each token, in sweep order (what the pager reads)."""
     from pagellm.offload.planner import plan_offload, sweep_reads
 
-    plan = plan_offload(mf, policy, replacement=replacement)
+    plan = plan_offload(mf, policy, profile, replacement=replacement)
     return sweep_reads(mf, plan.placement.streamed) if plan.placement.streamed else sweep_reads(mf, most=64 * MiB)
 
 
@@ -127,6 +127,7 @@ def run_row(path: str, kind: str, fraction: float, tokens: int, threads: int, wa
         "io_mode": eng.weights.io_mode,
         "fresh_bytes_per_token": (now.fresh_buffer_bytes - before.fresh_buffer_bytes) / tokens,
         "compute_threads": eng.model.compute_threads or threads,
+        "window_units": eng.weights.placement.window_units,
         # the bandwidth the row's own reads achieved (bytes from the file / seconds inside reads)
         "disk_bytes_per_s": (source.bytes_read - disk_bytes0) / max(source.read_seconds - disk_seconds0, 1e-9),
     }
@@ -223,7 +224,7 @@ def main() -> None:
             for kind in args.policies.split(","):
                 runs = []
                 policy, replacement = policy_for(kind, int(pct / 100 * mf.weight_bytes))
-                reads = streamed_reads(mf, policy, replacement)
+                reads = streamed_reads(mf, policy, replacement, profile)
 
                 def measure_machine():
                     """Disk and compute, measured again: both drift here over minutes."""
@@ -256,13 +257,14 @@ def main() -> None:
                 r = {k: statistics.median(run[k] for run in runs) for k in ("tok_s", "bytes_per_token", "stall_share",
                                                                             "disk_bytes_per_s", "fresh_bytes_per_token")}
                 r.update({k: runs[0][k] for k in ("budget", "weight_bytes", "kv_bytes", "largest_unit",
-                                                  "compute_threads")})
+                                                  "compute_threads", "window_units")})
                 r["peak_rss"] = max(run["peak_rss"] for run in runs)
                 around = [combine(measures[i:i + 2], statistics.mean) for i in range(len(runs))]
                 set_machine(profile, combine(around, statistics.median), args.threads, calibrated, main_type)
                 B, M = r["budget"], r["weight_bytes"]
                 policy, replacement = policy_for(kind, B)
-                plan = plan_offload(mf, policy, profile, replacement=replacement)
+                # predicted for the window the row ran with (the planner's choice from the figures before it)
+                plan = plan_offload(mf, policy, profile, replacement=replacement, window_units=r["window_units"])
                 # the same plan at the rate the row's reads achieved: what is left is the planner's own error
                 # (all read rates scaled alike, so the rate the plan reads at becomes the row's)
                 scale = r["disk_bytes_per_s"] / (plan.predicted_bytes_per_token / max(plan.read_seconds_per_token, 1e-9))
@@ -270,7 +272,8 @@ def main() -> None:
                     profile, disk_bytes_per_s=profile.disk_bytes_per_s * scale,
                     disk_bytes_per_s_beside_compute=profile.read_rate_beside_compute() * scale,
                     disk_bytes_per_s_beside_one_fewer=profile.read_rate_beside_compute(True) * scale)
-                at_row = plan_offload(mf, policy, at_row_profile, replacement=replacement)
+                at_row = plan_offload(mf, policy, at_row_profile, replacement=replacement,
+                                      window_units=r["window_units"])
                 # The disk delivers at least the fastest rate it was measured at: alone, or beside
                 # compute on one thread fewer, which on small reads here sometimes measured faster
                 # (idle cores seem to answer completions later); the slower would flatter the ratio.

@@ -9,7 +9,7 @@ from shared_paths import fixture_path
 
 from pagellm.modelfile import ModelFile
 from pagellm.offload import Budget, NoOffload, PinnedHotSet
-from pagellm.offload.pager import LayerPager, PagerError, ResidentStore
+from pagellm.offload.pager import BLOCK_PARTS, LayerPager, PagerError, ResidentStore
 from pagellm.offload.source import FileSource
 
 STORIES = fixture_path("stories260K-real-F32")
@@ -61,7 +61,8 @@ def test_pinned_hot_set_pins_and_reads_pins_once():
     policy = PinnedHotSet(int(0.8 * mf.weight_bytes), pin_last_n_layers=1, prefetch_n_ahead=2)
     with LayerPager.build(mf, policy) as pager:
         pinned = [u for u in pager.units if pager.is_pinned(u)]
-        assert set(pinned) == {"globals", "token_embd", "output", "blk.4@attn", "blk.4@ffn"}
+        heads = pager.units_of("token_embd") + pager.units_of("output")
+        assert set(pinned) == {"globals", *heads, *(f"blk.4@{part}" for part in BLOCK_PARTS)}
         assert pager.is_pinned("blk.4") and not pager.is_pinned("blk.3")
         for _ in range(5):
             for name in pager.sweep_order:
@@ -75,8 +76,12 @@ def test_pinned_hot_set_pins_and_reads_pins_once():
 
 def test_budget_too_small_names_both_numbers():
     mf = ModelFile.open(STORIES)
-    with pytest.raises(PagerError, match=r"pinned set plus the largest group.*pinned \d+ B \+ largest unpinned group \d+ B"):
-        LayerPager.build(mf, PinnedHotSet(int(0.35 * mf.weight_bytes)))
+    with LayerPager.build(mf, PinnedHotSet(2 * mf.weight_bytes)) as roomy:
+        pinned = roomy.pinned_bytes
+        largest = max(roomy.unit(u).capacity for u in roomy.units if not roomy.is_pinned(u))
+    with pytest.raises(PagerError, match=rf"pinned set plus the largest group.*pinned {pinned} B \+ largest unpinned group {largest} B"):
+        LayerPager.build(mf, PinnedHotSet(pinned + largest - 1))
+    LayerPager.build(mf, PinnedHotSet(pinned + largest)).close()  # one byte more fits
     with pytest.raises(PagerError, match="the pinned set needs"):
         LayerPager.build(mf, PinnedHotSet(100_000))
     with pytest.raises(PagerError, match="too small"):
@@ -158,9 +163,9 @@ def test_concurrent_acquires_of_a_missing_group_read_it_once():
     threads = [threading.Thread(target=worker) for _ in range(4)]
     [t.start() for t in threads]
     [t.join() for t in threads]
-    # holding a block holds both its units: each read once, by the first thread to ask
-    assert pager.stats.reads_by_unit["blk.2@attn"] == 1 and pager.stats.reads_by_unit["blk.2@ffn"] == 1
-    assert pager.stats.misses == 2 and pager.stats.hits == 6
+    # holding a block holds all its units: each read once, by the first thread to ask
+    assert [pager.stats.reads_by_unit[f"blk.2@{part}"] for part in BLOCK_PARTS] == [1] * len(BLOCK_PARTS)
+    assert pager.stats.misses == len(BLOCK_PARTS) and pager.stats.hits == 3 * len(BLOCK_PARTS)
     assert pager.stats.stall_seconds >= 4 * 0.04
     pager.close()
 
@@ -172,17 +177,17 @@ def test_acquire_waits_for_a_prefetch_in_flight_instead_of_reading_again():
     time.sleep(0.01)
     with pager.hold("blk.1"):
         pass
-    assert pager.stats.reads_by_unit["blk.1@attn"] == 1 and pager.stats.reads_by_unit["blk.1@ffn"] == 1
-    assert pager.stats.prefetches_used == 2 and pager.stats.misses == 0
+    assert [pager.stats.reads_by_unit[f"blk.1@{part}"] for part in BLOCK_PARTS] == [1] * len(BLOCK_PARTS)
+    assert pager.stats.prefetches_used == len(BLOCK_PARTS) and pager.stats.misses == 0
     pager.close()
 
 
 def test_prefetch_never_evicts_what_the_sweep_needs_sooner():
     mf = ModelFile.open(STORIES)
-    ffn = [f"blk.{i}@ffn" for i in range(5)]
+    ffn = [f"blk.{i}@up" for i in range(5)]
     units = {u.name: u for u in LayerPager.describe(mf, Budget(mf.weight_bytes), 4096)[0]}
     room = units["globals"].capacity + 2 * units[ffn[0]].capacity + units[ffn[0]].capacity // 4
-    with LayerPager(mf, room, pinned_groups=["globals"]) as pager:  # room for two feed-forward units
+    with LayerPager(mf, room, pinned_groups=["globals"]) as pager:  # room for two units
         assert not {u for u in pager.placement.resident if u.startswith("blk.")}  # so only the sweep decides
         for name in [ffn[2], ffn[3], ffn[1]]:
             with pager.hold(name):
@@ -338,3 +343,20 @@ def test_reader_reads_ahead_along_the_sweep_once_per_unit():
         capacity = {u: pager.buffer_bytes(u) for u in pager.units}
         assert s.fresh_buffer_bytes + s.reused_buffer_bytes == sum(capacity[u] * n for u, n in s.reads_by_unit.items())
         assert s.reused_buffer_bytes > 0
+
+
+def test_blocks_split_in_forward_order_and_streamed_units_share_one_buffer_size():
+    mf = ModelFile.open(SYNTH)
+    with LayerPager.build(mf, Budget(int(0.4 * mf.weight_bytes))) as pager:
+        assert pager.units_of("blk.1") == [f"blk.1@{part}" for part in BLOCK_PARTS]
+        assert {s.tensor for s in pager.unit("blk.1@gate").slices} == {"blk.1.ffn_norm.weight", "blk.1.ffn_gate.weight"}
+        assert [s.tensor for s in pager.unit("blk.1@down").slices] == ["blk.1.ffn_down.weight"]
+        streamable = [pager.unit(u) for u in pager.units if not u.startswith("globals")]
+        assert len({u.capacity for u in streamable}) == 1
+        assert all(u.capacity >= u.resident_capacity for u in streamable)
+        assert pager.placement.window_bytes == pager.placement.window_units * streamable[0].capacity
+        sweep_bytes(pager, 2)
+        fresh = pager.stats.fresh_buffer_bytes
+        assert sweep_bytes(pager, 3)[-1] > 0
+        # every streamed load took an evicted unit's buffer as it was: no page mapped anew
+        assert pager.stats.fresh_buffer_bytes == fresh

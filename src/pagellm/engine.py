@@ -223,6 +223,8 @@ class InferenceEngine:
         # What the planner expects of this placement on this machine (cached calibration or defaults).
         self.plan = plan_offload(mf, policy, cfg.machine_profile or MachineProfile.load_or_default(),
                                  self.weights.source.alignment, replacement=cfg.replacement)
+        if self.plan.streamed and not isinstance(self.weights, ResidentStore):
+            self.weights.set_window_units(self.plan.placement.window_units)  # the window the planner chose
         if probe is not None:
             self.pressure = PressureMonitor(self.weights, probe, policy.ram_budget_bytes(), cfg.pressure).start()
         self.model_file, self.args, self.n_ctx = mf, args, n_ctx

@@ -12,7 +12,7 @@ from pagellm.kv_cache import KVCache
 from pagellm.modelfile import GLOBALS, OUTPUT_HEAD, TOKEN_EMBEDDING, ModelFile, TensorInfo
 from pagellm.models.config import ModelArgs
 from pagellm.offload.cpus import pinned
-from pagellm.offload.pager import LayerPager
+from pagellm.offload.pager import BLOCK_PARTS, LayerPager
 
 
 @dataclass
@@ -52,8 +52,8 @@ class LlamaModel:
         self.weights = weights
         self.head_tensor = "token_embd.weight" if args.tied_embeddings else "output.weight"
         self.head_units = weights.units_of(TOKEN_EMBEDDING if args.tied_embeddings else OUTPUT_HEAD)
-        # (attention unit, feed-forward unit) per layer; one unit twice where a block is not split
-        self.block_units = [(u[0], u[-1]) for u in (weights.units_of(f"blk.{i}") for i in range(args.n_layer))]
+        # per layer, the units of its parts (attention, then the feed-forward's gate, up and down)
+        self.block_units = [self._block_units(weights, i) for i in range(args.n_layer)]
         # Threads the mat-vecs run on (None: all). Where reads cost CPU that compute would take (a
         # virtual disk served by the host's cores: here reads ran at 1.6 GB/s beside two busy compute
         # threads and 2.5 beside one), the plan leaves a core to the reader. The limit holds for the
@@ -64,6 +64,14 @@ class LlamaModel:
         self.compute_cpus: frozenset[int] | None = None
         half = args.n_rot // 2
         self.inv_freq = args.rope_base ** (-np.arange(half, dtype=np.float64) * 2.0 / args.n_rot)
+
+    @staticmethod
+    def _block_units(weights: LayerPager, layer: int) -> tuple[str, ...]:
+        """The units of block ``layer``'s parts, in BLOCK_PARTS order (the pager splits every llama block so)."""
+        units = weights.units_of(f"blk.{layer}")
+        if [u.rpartition("@")[2] for u in units] != list(BLOCK_PARTS):
+            raise ValueError(f"blk.{layer} is not a llama block: its tensors make the units {', '.join(units)}")
+        return tuple(units)
 
     def new_cache(self, n_ctx: int) -> KVCache:
         """An empty KV cache for ``n_ctx`` positions."""
@@ -130,14 +138,16 @@ class LlamaModel:
     def block(self, layer: int, x: np.ndarray, segments: list["Segment"]) -> np.ndarray:
         """One transformer block over all rows: attention (per sequence) then feed-forward, each with a residual.
 
-        The two halves are separate pager units: the attention weights are let go before the
-        feed-forward ones are needed, which halves the RAM the streaming window takes. Each half
-        is its own method so that no reference to a released unit's tensors outlives it: a buffer
-        the pager has evicted must be memory the process has given back.
+        Each part is a pager unit, let go before the next is needed, so the streaming window holds
+        two parts, not two blocks. Each part is its own method so that no reference to a released
+        unit's tensors outlives it: a buffer the pager has evicted must be memory the process has
+        given back.
         """
-        attn_unit, ffn_unit = self.block_units[layer]
+        attn_unit, gate_unit, up_unit, down_unit = self.block_units[layer]
         x = self.attention_part(attn_unit, layer, x, segments)
-        return self.feed_forward_part(ffn_unit, layer, x)
+        h, gate = self.gate_part(gate_unit, layer, x)
+        up = self.projection(up_unit, f"blk.{layer}.ffn_up.weight", h)
+        return x + self.projection(down_unit, f"blk.{layer}.ffn_down.weight", (silu(gate) * up).astype(np.float32))
 
     def attention_part(self, unit: str, layer: int, x: np.ndarray, segments: list["Segment"]) -> np.ndarray:
         """x + attention(rms_norm(x)), with this layer's keys and values stored in each sequence's cache."""
@@ -168,15 +178,17 @@ class LlamaModel:
                 attn[rows] = self.attention(qs, seg.cache.keys[layer, :end], seg.cache.values[layer, :end], seg.start)
             return x + self.linear(w, p + "attn_output.weight", attn)
 
-    def feed_forward_part(self, unit: str, layer: int, x: np.ndarray) -> np.ndarray:
-        """x + ffn_down(silu(ffn_gate(h)) * ffn_up(h)), h = rms_norm(x)."""
-        a = self.args
+    def gate_part(self, unit: str, layer: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The feed-forward's input h = rms_norm(x) and its gate projection ffn_gate(h)."""
         p = f"blk.{layer}."
         with self.acquired(unit) as w:
-            h = rms_norm(x, as_f32(w[p + "ffn_norm.weight"]), a.rms_eps)
-            gate = self.linear(w, p + "ffn_gate.weight", h)
-            up = self.linear(w, p + "ffn_up.weight", h)
-            return x + self.linear(w, p + "ffn_down.weight", (silu(gate) * up).astype(np.float32))
+            h = rms_norm(x, as_f32(w[p + "ffn_norm.weight"]), self.args.rms_eps)
+            return h, self.linear(w, p + "ffn_gate.weight", h)
+
+    def projection(self, unit: str, name: str, x: np.ndarray) -> np.ndarray:
+        """x times weight ``name``, held in ``unit`` (the feed-forward's up and down projections)."""
+        with self.acquired(unit) as w:
+            return self.linear(w, name, x)
 
     @contextmanager
     def acquired(self, unit: str) -> Iterator[Mapping[str, np.ndarray]]:

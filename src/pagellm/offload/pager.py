@@ -1,11 +1,12 @@
 """LayerPager: brings tensor groups of a GGUF file into a fixed RAM budget as the forward pass needs them.
 
-The unit of residency is a *unit*: a part of a GGUF tensor group. A block ``blk.N`` is two units,
-its attention tensors (``blk.N@attn``) and its feed-forward tensors (``blk.N@ffn``), which the forward
-pass uses one after the other; ``globals`` is one unit; the token embedding and output head, when
-larger than a block's attention part, are slices of their rows (``output@k``). Small units keep the
-streaming window small: the unit computing plus the one being read is half a block, not two blocks,
-and the budget saved stays resident. ``acquire("blk.N")`` still holds a whole block.
+The unit of residency is a *unit*: a part of a GGUF tensor group. A block ``blk.N`` is four units,
+which the forward pass uses one after the other: its attention tensors (``blk.N@attn``), then the
+feed-forward's norm and gate (``blk.N@gate``), up (``blk.N@up``) and down (``blk.N@down``)
+projections; ``globals`` is one unit; the token embedding and output head, when larger than a
+block's smallest part, are slices of their rows (``output@k``). Small units keep the streaming
+window small: the unit computing plus the one being read is the largest two neighbouring parts,
+not two blocks, and the budget saved stays resident. ``acquire("blk.N")`` still holds a whole block.
 
 Replacement knows the order in which the decode step sweeps the units (``sweep_order``). Evicting the
 unit whose next use in that order is furthest away (Belady's rule on a cyclic sweep) keeps a stable
@@ -15,6 +16,7 @@ needs next and so re-reads everything once the loop is larger than the budget.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 import time
 from contextlib import contextmanager
@@ -68,7 +70,7 @@ class Unit:
     extents: tuple[Extent, ...]
     slices: tuple[TensorSlice, ...]
     nbytes: int  # payload bytes (what the model needs)
-    capacity: int  # buffer bytes when streamed (aligned spans, whole pages, see buffer_capacity)
+    capacity: int  # buffer bytes when streamed: one size for every streamed unit (see plan_units)
     resident_capacity: int  # buffer bytes when kept (whole pages only: read once, read speed hardly matters)
 
     def slice_of(self, tensor: str) -> TensorSlice:
@@ -120,21 +122,30 @@ def _build_unit(mf: ModelFile, name: str, group: str, pieces: list[tuple[str, in
                 page_capacity(at))
 
 
-BLOCK_PARTS = ("attn", "ffn")  # the order the forward pass uses them in
-MIN_ROW_SLICE = 4 << 20  # row slices below this would make reads too small to run at disk speed
+# The parts of a block, in the order the forward pass uses them. Each part it lets go before the next
+# is window it need not keep: splitting the feed-forward three ways took the 7B Q4_0 window from
+# 109 MiB (attention + feed-forward) to 60 (attention + gate), and reads per token with it.
+BLOCK_PARTS = ("attn", "gate", "up", "down")
 
 
 def block_part(tensor: str) -> str:
-    """Which part of its block a ``blk.N.*`` tensor belongs to: 'ffn' for ``ffn_*``, else 'attn'."""
-    return "ffn" if tensor.split(".", 2)[2].startswith("ffn_") else "attn"
+    """Which part of its block a ``blk.N.*`` tensor belongs to: 'up' for ``ffn_up*``, 'down' for
+    ``ffn_down*``, 'gate' for the other ``ffn_*`` (the norm and gate), else 'attn'."""
+    name = tensor.split(".", 2)[2]
+    if not name.startswith("ffn_"):
+        return "attn"
+    return "up" if name.startswith("ffn_up") else "down" if name.startswith("ffn_down") else "gate"
 
 
 def plan_units(mf: ModelFile, alignment: int) -> dict[str, list[Unit]]:
-    """Units per group: blocks in attention and feed-forward parts, embedding/head split by rows.
+    """Units per group: blocks in their parts (``BLOCK_PARTS``), embedding/head split by rows.
 
-    Row slices are no larger than the smallest block part, so a slice streamed after a block's
-    feed-forward part needs no more window than the block's own two parts (but not below a few
-    MiB, where reads would run under disk speed, unless the blocks are that small too).
+    Row slices are no larger than the largest block part. Every unit but the globals gets the
+    same streamed buffer size (``Unit.capacity``), the largest one's, so a unit streamed in takes
+    an evicted one's buffer as it is: sized each to its own unit, a 7B block's parts (36 and 24
+    MiB) grew and shrank victims' buffers on nearly every load (the planner's replay of the pager:
+    0.9 GB of pages mapped anew per token at a 25% budget, each zeroed by the kernel before the
+    read). The window then holds ``n`` units in ``n`` times that size.
     """
     units: dict[str, list[Unit]] = {}
 
@@ -151,10 +162,7 @@ def plan_units(mf: ModelFile, alignment: int) -> dict[str, list[Unit]]:
             units[group] = [whole(group, group, names)]
     block_units = [u.nbytes for us in units.values() for u in us]
     others = [mf.group_bytes(g) for g in mf.groups if g not in units]
-    if block_units:  # no smaller than a few MiB, unless the blocks themselves are smaller
-        max_slice = max(min(block_units), min(MIN_ROW_SLICE, max(block_units)))
-    else:
-        max_slice = max(others, default=0)
+    max_slice = max(block_units) if block_units else max(others, default=0)
     for group in mf.groups:
         if group in units:
             continue
@@ -173,6 +181,11 @@ def plan_units(mf: ModelFile, alignment: int) -> dict[str, list[Unit]]:
             piece = (tensor, base + r0 * row_bytes, (r1 - r0) * row_bytes, r0)
             parts.append(_build_unit(mf, f"{group}@{k}", group, [piece], alignment))
         units[group] = parts
+    streamable = [u.capacity for g, us in units.items() if g != GLOBALS for u in us]
+    if streamable:
+        shared = max(streamable)
+        units = {g: [u if g == GLOBALS else dataclasses.replace(u, capacity=shared) for u in us]
+                 for g, us in units.items()}
     return {g: units[g] for g in mf.groups}
 
 
@@ -275,12 +288,14 @@ class LayerPager:
         io_mode: str = "auto",
         source: FileSource | None = None,
         prefetch_n_ahead: int = 0,
+        window_units: int | None = None,
     ):
         if replacement not in REPLACEMENTS:
             raise ValueError(f"replacement {replacement!r}: expected one of {', '.join(REPLACEMENTS)}")
         self.model_file = mf
         self.replacement = replacement
         self.prefetch_n_ahead = prefetch_n_ahead
+        self.window_units = window_units  # streamed units the window holds (None: 1 + prefetch)
         self.source = source or FileSource(mf.path, io_mode)
         self._units_by_group = plan_units(mf, self.source.alignment)
         self._entries: dict[str, _Entry] = {}
@@ -358,7 +373,7 @@ class LayerPager:
         pinned = [n for n, e in self._entries.items() if e.pinned]
         embedding = [u.name for u in self._units_by_group.get(TOKEN_EMBEDDING, [])]
         placement = place(kept, self.sweep_order, self._budget, pinned, self.prefetch_n_ahead, embedding,
-                          self.replacement, stream_units=streamed)
+                          self.replacement, stream_units=streamed, window_units=self.window_units)
         self._capacity = role_capacities(kept, streamed, placement)
         return placement
 
@@ -515,6 +530,8 @@ class LayerPager:
             entry.holders[me] -= 1
             if not entry.holders[me]:
                 del entry.holders[me]
+            if self._stale(entry):
+                self._evict(entry)  # read into a buffer for the role it had before the placement changed
             self._cond.notify_all()
 
     @contextmanager
@@ -606,6 +623,12 @@ class LayerPager:
         self.stats.fresh_buffer_bytes += need
         return allocate_buffer(need)
 
+    def _stale(self, entry: _Entry) -> bool:
+        """Whether an idle resident unit's buffer has the size of a role the placement no longer gives it
+        (one held at a placement change, or loading through it, is let go on its release)."""
+        return (entry.state == RESIDENT and not entry.refs and not entry.pinned and not entry.waiters
+                and entry.held != self._capacity[entry.unit.name])
+
     def _evict(self, entry: _Entry) -> None:
         entry.state = ABSENT
         entry.buffer = None
@@ -628,13 +651,30 @@ class LayerPager:
                 raise PagerError("a resident store has no budget to change")
             largest = max((e.unit.capacity for e in self._entries.values() if not e.pinned), default=0)
             self._budget = max(int(ram_bytes), self.pinned_bytes + largest)
-            self.placement = self._place()
-            for victim in self._victims():
-                if self._held_bytes <= self._budget:
-                    break
-                self._evict(victim)
-            self._cond.notify_all()
+            self._replace()
             return self._budget
+
+    def set_window_units(self, n: int) -> None:
+        """Keep a window of ``n`` streamed units (the planner's choice) and place the rest anew."""
+        with self._cond:
+            if self._budget is None:
+                raise PagerError("a resident store has no window")
+            self.window_units = n
+            self._replace()
+
+    def _replace(self) -> None:
+        """Place anew for the current budget and window; evict idle units to fit, and those whose
+        buffer was sized for the role they no longer have (kept units are exact, streamed ones share
+        the largest's size), to be read again into a buffer of the right size."""
+        self.placement = self._place()
+        for entry in self._entries.values():
+            if self._stale(entry):
+                self._evict(entry)
+        for victim in self._victims():
+            if self._held_bytes <= self._budget:
+                break
+            self._evict(victim)
+        self._cond.notify_all()
 
     # -- reading -------------------------------------------------------------------------
 

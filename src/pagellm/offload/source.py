@@ -103,18 +103,22 @@ def _huge_page_view(mapping: mmap.mmap, size: int) -> np.ndarray:
     and the mapping ends where the view does: no huge page reaches past it, and once filled the
     process holds exactly ``size`` bytes for it.
     """
-    if size < HUGE_PAGE:
-        return np.frombuffer(mapping, dtype=np.uint8, count=size)
-    address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))  # the export ends with the statement
-    offset = -address % HUGE_PAGE
-    if len(mapping) != offset + size:
-        mapping.resize(offset + size)  # shrinks in place: the start, and so the offset, stay
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            mapping.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:  # THP disabled or unsupported: small pages, same bytes
-            pass
-    return np.frombuffer(mapping, dtype=np.uint8, count=size, offset=offset)
+    offset = 0
+    if size >= HUGE_PAGE:
+        address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))  # the export ends with the statement
+        offset = -address % HUGE_PAGE
+        if len(mapping) != offset + size:
+            mapping.resize(offset + size)  # shrinks in place: the start, and so the offset, stay
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                mapping.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:  # THP disabled or unsupported: small pages, same bytes
+                pass
+    view = np.frombuffer(mapping, dtype=np.uint8, count=size, offset=offset)
+    # Fault every page in now: a read may fill less than the buffer (streamed buffers share one
+    # size), and the pager counts the whole buffer as held, so the process must hold all of it.
+    view[::PAGE] = 0
+    return view
 
 
 def buffer_mapping(buffer: np.ndarray) -> mmap.mmap | None:
