@@ -139,7 +139,7 @@ class LlamaModel:
         """One transformer block over all rows: attention (per sequence) then feed-forward, each with a residual.
 
         Each part is a pager unit, let go before the next is needed, so the streaming window holds
-        two parts, not two blocks. Each part is its own method so that no reference to a released
+        parts, not whole blocks. Each part is its own method so that no reference to a released
         unit's tensors outlives it: a buffer the pager has evicted must be memory the process has
         given back.
         """

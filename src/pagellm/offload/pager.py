@@ -4,9 +4,9 @@ The unit of residency is a *unit*: a part of a GGUF tensor group. A block ``blk.
 which the forward pass uses one after the other: its attention tensors (``blk.N@attn``), then the
 feed-forward's norm and gate (``blk.N@gate``), up (``blk.N@up``) and down (``blk.N@down``)
 projections; ``globals`` is one unit; the token embedding and output head, when larger than a
-block's smallest part, are slices of their rows (``output@k``). Small units keep the streaming
-window small: the unit computing plus the one being read is the largest two neighbouring parts,
-not two blocks, and the budget saved stays resident. ``acquire("blk.N")`` still holds a whole block.
+block's largest part, are slices of their rows (``output@k``). Small units keep the streaming
+window small: the unit computing plus the one being read is two parts, not two blocks, and the
+budget saved stays resident. ``acquire("blk.N")`` still holds a whole block.
 
 Replacement knows the order in which the decode step sweeps the units (``sweep_order``). Evicting the
 unit whose next use in that order is furthest away (Belady's rule on a cyclic sweep) keeps a stable
@@ -124,7 +124,8 @@ def _build_unit(mf: ModelFile, name: str, group: str, pieces: list[tuple[str, in
 
 # The parts of a block, in the order the forward pass uses them. Each part it lets go before the next
 # is window it need not keep: splitting the feed-forward three ways took the 7B Q4_0 window from
-# 109 MiB (attention + feed-forward) to 60 (attention + gate), and reads per token with it.
+# 109 MiB (attention + feed-forward) to 72 (two units of the largest part's size), and its reads per
+# token at a 50% budget from 1972 to 1939 MB.
 BLOCK_PARTS = ("attn", "gate", "up", "down")
 
 
@@ -651,7 +652,7 @@ class LayerPager:
                 raise PagerError("a resident store has no budget to change")
             largest = max((e.unit.capacity for e in self._entries.values() if not e.pinned), default=0)
             self._budget = max(int(ram_bytes), self.pinned_bytes + largest)
-            self._replace()
+            self._place_anew()
             return self._budget
 
     def set_window_units(self, n: int) -> None:
@@ -660,9 +661,9 @@ class LayerPager:
             if self._budget is None:
                 raise PagerError("a resident store has no window")
             self.window_units = n
-            self._replace()
+            self._place_anew()
 
-    def _replace(self) -> None:
+    def _place_anew(self) -> None:
         """Place anew for the current budget and window; evict idle units to fit, and those whose
         buffer was sized for the role they no longer have (kept units are exact, streamed ones share
         the largest's size), to be read again into a buffer of the right size."""
