@@ -808,8 +808,12 @@ class LayerPager:
                 self.stats.prefetches_issued += 1
             try:
                 self._finish_load(entry, buffer, kind="prefetch")
-            except Exception:  # the acquire that needs it reads again and reports the error
-                pass
+            except Exception:
+                # The acquire that needs it reads again and reports the error. No read-ahead after a
+                # failed read: on a failing disk it would walk the sweep retrying every unit, and the
+                # reader would never be idle (a step that failed could not settle).
+                ahead = None
+                continue
             with self._cond:
                 ahead = self._next_absent_after(entry.unit.name)
 
