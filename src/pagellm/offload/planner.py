@@ -1,7 +1,8 @@
 """The planner: what to pin, keep resident and stream for a budget, and what that costs per token.
 
-Placement: the declared pins first; then a streaming window of ``1 + prefetch`` units (the one being
-computed plus the ones being read ahead); the budget left is filled with whole units that stay
+Placement: the declared pins first; then a streaming window of ``1 + prefetch`` units or more (the
+one being computed plus the ones being read ahead; the prediction below chooses how many); the
+budget left is filled with whole units that stay
 resident, spread evenly over the sweep so reads of the streamed units overlap the compute of the
 resident ones. Steady-state reads per token are then the streamed units plus one embedding row:
 ``M - B`` plus at most the window, less the embedding table, which is never read whole.
@@ -639,7 +640,8 @@ class Plan:
         budget = format_size(p.budget_bytes) if p.budget_bytes is not None else "unlimited"
         prof = self.profile
         return [
-            f"budget {budget} of {format_size(self.weight_bytes)} weights; streaming window {format_size(p.window_bytes)}",
+            f"budget {budget} of {format_size(self.weight_bytes)} weights; streaming window {format_size(p.window_bytes)}"
+            + (f" ({p.window_units} units)" if p.streamed else ""),
             f"pinned    {size(p.pinned):>11}  {names(p.pinned)}",
             f"resident  {size(p.resident):>11}  {names(p.resident)}",
             f"streamed  {size(p.streamed):>11}  {names(p.streamed)}",
@@ -857,8 +859,9 @@ def plan_offload(
     smallest, ``1 + prefetch`` units, up to a block's parts more, the one predicted fastest, the
     smaller of two within 0.5%. A larger window reads more per token (its bytes are not kept
     resident) but lets the reader run further ahead while resident units compute: at 75% of 7B
-    Q4_0 three resident blocks compute between streamed ones, and a window of two parts left the
-    reader idle through them (predicted 1.47 tokens/s, against 1.88 with a block's worth).
+    Q4_0 three resident blocks compute between streamed ones, and a window of two units leaves the
+    reader idle through them (with this VM's calibration, 1.56 tokens/s predicted against 1.92 with
+    four; measured 1.72, where the two-unit window of the previous layout had run at 1.62).
 
     ``replacement="lru"`` predicts the pager run with plain LRU, for comparison: on a sweep larger
     than the budget it keeps nothing from one token to the next, so every unpinned unit streams.
