@@ -62,7 +62,8 @@ def test_pinned_hot_set_pins_and_reads_pins_once():
     with LayerPager.build(mf, policy) as pager:
         pinned = [u for u in pager.units if pager.is_pinned(u)]
         heads = pager.units_of("token_embd") + pager.units_of("output")
-        assert set(pinned) == {"globals", *heads, *(f"blk.4@{part}" for part in BLOCK_PARTS)}
+        vectors = [f"blk.{i}@vectors" for i in range(5)]  # every policy pins each block's norms
+        assert set(pinned) == {"globals", *heads, *pager.units_of("blk.4"), *vectors}
         assert pager.is_pinned("blk.4") and not pager.is_pinned("blk.3")
         for _ in range(5):
             for name in pager.sweep_order:
@@ -163,9 +164,11 @@ def test_concurrent_acquires_of_a_missing_group_read_it_once():
     threads = [threading.Thread(target=worker) for _ in range(4)]
     [t.start() for t in threads]
     [t.join() for t in threads]
-    # holding a block holds all its units: each read once, by the first thread to ask
-    assert [pager.stats.reads_by_unit[f"blk.2@{part}"] for part in BLOCK_PARTS] == [1] * len(BLOCK_PARTS)
-    assert pager.stats.misses == len(BLOCK_PARTS) and pager.stats.hits == 3 * len(BLOCK_PARTS)
+    # holding a block holds all its units: each read once, by the first thread to ask (the pinned
+    # vectors at load, a hit for all four)
+    units = pager.units_of("blk.2")
+    assert [pager.stats.reads_by_unit[u] for u in units] == [1] * len(units) and len(units) == 1 + len(BLOCK_PARTS)
+    assert pager.stats.misses == len(units) - 1 and pager.stats.hits == 3 * (len(units) - 1) + 4
     assert pager.stats.stall_seconds >= 4 * 0.04
     pager.close()
 
@@ -177,22 +180,24 @@ def test_acquire_waits_for_a_prefetch_in_flight_instead_of_reading_again():
     time.sleep(0.01)
     with pager.hold("blk.1"):
         pass
-    assert [pager.stats.reads_by_unit[f"blk.1@{part}"] for part in BLOCK_PARTS] == [1] * len(BLOCK_PARTS)
-    assert pager.stats.prefetches_used == len(BLOCK_PARTS) and pager.stats.misses == 0
+    units = pager.units_of("blk.1")
+    assert [pager.stats.reads_by_unit[u] for u in units] == [1] * len(units)
+    assert pager.stats.prefetches_used == len(units) - 1 and pager.stats.misses == 0  # the vectors are pinned
     pager.close()
 
 
 def test_prefetch_never_evicts_what_the_sweep_needs_sooner():
     mf = ModelFile.open(STORIES)
-    ffn = [f"blk.{i}@up" for i in range(5)]
+    ffn = [f"blk.{i}@ffn_in.0" for i in range(5)]
     units = {u.name: u for u in LayerPager.describe(mf, Budget(mf.weight_bytes), 4096)[0]}
-    room = units["globals"].capacity + 2 * units[ffn[0]].capacity + units[ffn[0]].capacity // 4
-    with LayerPager(mf, room, pinned_groups=["globals"]) as pager:  # room for two units
+    pinned = sum(u.resident_capacity for u in units.values() if u.group == "globals" or u.name.endswith("@vectors"))
+    room = pinned + 2 * units[ffn[0]].capacity + 4096  # room for two units, and less than any unit more
+    with LayerPager(mf, room, pinned_groups=["globals"]) as pager:
         assert not {u for u in pager.placement.resident if u.startswith("blk.")}  # so only the sweep decides
         for name in [ffn[2], ffn[3], ffn[1]]:
             with pager.hold(name):
                 pass
-        assert set(pager.resident_units()) == {"globals", ffn[1], ffn[2]}  # ffn[3] was the furthest away
+        assert set(pager.resident_units()) - set(pager.placement.pinned) == {ffn[1], ffn[2]}  # ffn[3] was the furthest away
         with pager.hold(ffn[1]):
             pager.prefetch([ffn[4]])  # would have to push out ffn[2], which the sweep needs first
             time.sleep(0.05)
@@ -348,10 +353,12 @@ def test_reader_reads_ahead_along_the_sweep_once_per_unit():
 def test_blocks_split_in_forward_order_and_streamed_units_share_one_buffer_size():
     mf = ModelFile.open(SYNTH)
     with LayerPager.build(mf, Budget(int(0.4 * mf.weight_bytes))) as pager:
-        assert pager.units_of("blk.1") == [f"blk.1@{part}" for part in BLOCK_PARTS]
-        assert {s.tensor for s in pager.unit("blk.1@gate").slices} == {"blk.1.ffn_norm.weight", "blk.1.ffn_gate.weight"}
-        assert [s.tensor for s in pager.unit("blk.1@down").slices] == ["blk.1.ffn_down.weight"]
-        streamable = [pager.unit(u) for u in pager.units if not u.startswith("globals")]
+        assert pager.units_of("blk.1") == ["blk.1@vectors"] + [f"blk.1@{part}.0" for part, _ in BLOCK_PARTS]
+        assert {s.tensor for s in pager.unit("blk.1@vectors").slices} == {"blk.1.attn_norm.weight", "blk.1.ffn_norm.weight"}
+        assert [s.tensor for s in pager.unit("blk.1@ffn_in.0").slices] == ["blk.1.ffn_gate.weight", "blk.1.ffn_up.weight"]
+        assert [s.tensor for s in pager.unit("blk.1@ffn_out.0").slices] == ["blk.1.ffn_down.weight"]
+        assert all(pager.is_pinned(f"blk.{i}@vectors") for i in range(4))
+        streamable = [pager.unit(u) for u in pager.units if not pager.is_pinned(u)]
         assert len({u.capacity for u in streamable}) == 1
         assert all(u.capacity >= u.resident_capacity for u in streamable)
         assert pager.placement.window_bytes == pager.placement.window_units * streamable[0].capacity
@@ -360,3 +367,47 @@ def test_blocks_split_in_forward_order_and_streamed_units_share_one_buffer_size(
         assert sweep_bytes(pager, 3)[-1] > 0
         # every streamed load took an evicted unit's buffer as it was: no page mapped anew
         assert pager.stats.fresh_buffer_bytes == fresh
+
+
+def test_parts_cut_into_row_slices_give_the_same_logits(monkeypatch):
+    import pagellm.offload.pager as pager_module
+    from pagellm.engine import EngineConfig, InferenceEngine
+
+    mf = ModelFile.open(SYNTH)
+    tokens = [1, 15, 27, 3, 99, 4]
+
+    def logits(policy):
+        eng = InferenceEngine(EngineConfig(SYNTH, context_size=64, offload_policy=policy)).load_model()
+        try:
+            return eng.eval_logits(tokens)
+        finally:
+            eng.close()
+
+    whole = logits(NoOffload())
+    # units of half the largest matrix: the feed-forward's gate and up in four, q/k/v and down cut too
+    monkeypatch.setattr(pager_module, "MIN_UNIT_BYTES", 0)
+    with LayerPager.build(mf, Budget(int(0.4 * mf.weight_bytes))) as pager:
+        units = pager.units_of("blk.2")
+        count = {part: sum(u.startswith(f"blk.2@{part}.") for u in units) for part, _ in BLOCK_PARTS}
+        assert count["ffn_in"] == 4 and count["ffn_out"] == 2 and count["attn_in"] >= 1
+        # every row of every matrix in exactly one unit, and the bytes it holds are the file's
+        rows = {}
+        for u in units:
+            for s in pager.unit(u).slices:
+                rows.setdefault(s.tensor, []).append((s.row_start, s.row_end))
+            with pager.hold(u) as views:
+                assert {t: bytes(v) for t, v in views.items()} == file_bytes_of(mf, pager, u)
+        for tensor, spans in rows.items():
+            spans.sort()
+            n_rows = mf.tensors[tensor].shape[1] if len(mf.tensors[tensor].shape) > 1 else 1
+            assert spans[0][0] == 0 and spans[-1][1] == n_rows and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    # a cut may end inside one matrix and go on into the next: gate and up in three
+    gate_up = ["blk.2.ffn_gate.weight", "blk.2.ffn_up.weight"]
+    runs = pager_module._cut_rows(mf, gate_up, 3)
+    assert [[p[0] for p in run] for run in runs] == [gate_up[:1], gate_up, gate_up[1:]]
+    assert max(sum(p[2] for p in run) for run in runs) - min(sum(p[2] for p in run) for run in runs) <= 2 * max(
+        mf.tensors[t].nbytes // mf.tensors[t].shape[1] for t in gate_up)
+    cut_in_ram = logits(NoOffload())
+    cut_paged = logits(Budget(int(0.4 * mf.weight_bytes)))
+    np.testing.assert_allclose(cut_in_ram, whole, rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(cut_paged, cut_in_ram)

@@ -375,14 +375,15 @@ engine_options = _option_group(EngineOptions, "engine_opts", [
 
 
 def _expected_load_bytes(model: str, policy: "AnyPolicy") -> int:
-    """Bytes the engine reads while loading: everything under NoOffload, the pinned groups otherwise."""
+    """Bytes the engine reads while loading: everything under NoOffload, the pinned units otherwise."""
     from pagellm.modelfile import ModelFile
-    from pagellm.offload.pager import pinned_groups
+    from pagellm.offload.pager import LayerPager
 
     mf = ModelFile.open(model)
     if policy.is_disabled():
         return mf.weight_bytes
-    return sum(mf.group_bytes(g) for g in pinned_groups(mf, policy))
+    units, _, pinned, _ = LayerPager.describe(mf, policy, 4096)
+    return sum(u.nbytes for u in units if u.name in set(pinned))
 
 
 def load_engine(config: "EngineConfig") -> "InferenceEngine":

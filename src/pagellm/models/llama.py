@@ -12,7 +12,18 @@ from pagellm.kv_cache import KVCache
 from pagellm.modelfile import GLOBALS, OUTPUT_HEAD, TOKEN_EMBEDDING, ModelFile, TensorInfo
 from pagellm.models.config import ModelArgs
 from pagellm.offload.cpus import pinned
-from pagellm.offload.pager import BLOCK_PARTS, LayerPager
+from pagellm.offload.pager import BLOCK_PARTS, VECTORS, LayerPager, part_of_unit
+
+
+@dataclass(frozen=True)
+class BlockUnits:
+    """The pager units of one block: its vectors, then each part's row slices in the order the pass uses them."""
+
+    vectors: str
+    attn_in: tuple[str, ...]
+    attn_out: tuple[str, ...]
+    ffn_in: tuple[str, ...]
+    ffn_out: tuple[str, ...]
 
 
 @dataclass
@@ -52,7 +63,7 @@ class LlamaModel:
         self.weights = weights
         self.head_tensor = "token_embd.weight" if args.tied_embeddings else "output.weight"
         self.head_units = weights.units_of(TOKEN_EMBEDDING if args.tied_embeddings else OUTPUT_HEAD)
-        # per layer, the units of its parts (attention, then the feed-forward's gate, up and down)
+        # per layer, its units: the vectors, then each part's (attention in and out, feed-forward in and out)
         self.block_units = [self._block_units(weights, i) for i in range(args.n_layer)]
         # Threads the mat-vecs run on (None: all). Where reads cost CPU that compute would take (a
         # virtual disk served by the host's cores: here reads ran at 1.6 GB/s beside two busy compute
@@ -66,12 +77,14 @@ class LlamaModel:
         self.inv_freq = args.rope_base ** (-np.arange(half, dtype=np.float64) * 2.0 / args.n_rot)
 
     @staticmethod
-    def _block_units(weights: LayerPager, layer: int) -> tuple[str, ...]:
-        """The units of block ``layer``'s parts, in BLOCK_PARTS order (the pager splits every llama block so)."""
+    def _block_units(weights: LayerPager, layer: int) -> BlockUnits:
+        """The units of block ``layer`` by part (the pager cuts every llama block so: vectors, then BLOCK_PARTS)."""
         units = weights.units_of(f"blk.{layer}")
-        if [u.rpartition("@")[2] for u in units] != list(BLOCK_PARTS):
+        by_part = {part: tuple(u for u in units if part_of_unit(u) == part)
+                   for part in (VECTORS, *(name for name, _ in BLOCK_PARTS))}
+        if len(by_part[VECTORS]) != 1 or not all(by_part.values()) or sum(map(len, by_part.values())) != len(units):
             raise ValueError(f"blk.{layer} is not a llama block: its tensors make the units {', '.join(units)}")
-        return tuple(units)
+        return BlockUnits(by_part[VECTORS][0], *(by_part[name] for name, _ in BLOCK_PARTS))
 
     def new_cache(self, n_ctx: int) -> KVCache:
         """An empty KV cache for ``n_ctx`` positions."""
@@ -130,65 +143,65 @@ class LlamaModel:
         rows = self.weights.read_rows("token_embd.weight", [int(t) for t in token_ids])
         return kernels.dequantize(rows, info.ggml_type, self.args.n_embd)
 
-    def linear(self, tensors: dict, name: str, x: np.ndarray) -> np.ndarray:
-        """x [T, in] times the weight's transpose -> [T, out], straight from its raw blocks."""
-        info = self.mf.tensors[name]
-        return kernels.matmul(tensors[name], info.ggml_type, info.shape[0], x)
-
     def block(self, layer: int, x: np.ndarray, segments: list["Segment"]) -> np.ndarray:
         """One transformer block over all rows: attention (per sequence) then feed-forward, each with a residual.
 
-        Each part is a pager unit, let go before the next is needed, so the streaming window holds
-        parts, not whole blocks. Each part is its own method so that no reference to a released
-        unit's tensors outlives it: a buffer the pager has evicted must be memory the process has
-        given back.
+        The vectors (norms, biases) are held through the block; each part's units are taken one
+        after the other and let go before the next (``project``), so the streaming window holds
+        units, not whole blocks.
         """
-        attn_unit, gate_unit, up_unit, down_unit = self.block_units[layer]
-        x = self.attention_part(attn_unit, layer, x, segments)
-        h, gate = self.gate_part(gate_unit, layer, x)
-        up = self.projection(up_unit, f"blk.{layer}.ffn_up.weight", h)
-        return x + self.projection(down_unit, f"blk.{layer}.ffn_down.weight", (silu(gate) * up).astype(np.float32))
+        a, p = self.args, f"blk.{layer}."
+        units = self.block_units[layer]
+        with self.acquired(units.vectors) as vec:
+            x = x + self.attention_part(units, vec, layer, x, segments)
+            h = rms_norm(x, as_f32(vec[p + "ffn_norm.weight"]), a.rms_eps)
+            gate, up = self.project(units.ffn_in, (p + "ffn_gate.weight", p + "ffn_up.weight"), h)
+            down, = self.project(units.ffn_out, (p + "ffn_down.weight",), (silu(gate) * up).astype(np.float32))
+            return x + down
 
-    def attention_part(self, unit: str, layer: int, x: np.ndarray, segments: list["Segment"]) -> np.ndarray:
-        """x + attention(rms_norm(x)), with this layer's keys and values stored in each sequence's cache."""
+    def attention_part(self, units: BlockUnits, vec: Mapping[str, np.ndarray], layer: int, x: np.ndarray,
+                       segments: list["Segment"]) -> np.ndarray:
+        """attention(rms_norm(x)), with this layer's keys and values stored in each sequence's cache."""
         a = self.args
         p = f"blk.{layer}."
-        with self.acquired(unit) as w:
-            T = x.shape[0]
-            h = rms_norm(x, as_f32(w[p + "attn_norm.weight"]), a.rms_eps)
-            q = self.linear(w, p + "attn_q.weight", h)
-            k = self.linear(w, p + "attn_k.weight", h)
-            v = self.linear(w, p + "attn_v.weight", h)
-            if a.qkv_bias:
-                q += as_f32(w[p + "attn_q.bias"])
-                k += as_f32(w[p + "attn_k.bias"])
-                v += as_f32(w[p + "attn_v.bias"])
-            q = q.reshape(T, a.n_head, a.head_dim)
-            k = k.reshape(T, a.n_head_kv, a.head_dim)
-            v = v.reshape(T, a.n_head_kv, a.head_dim)
-            if a.qk_norm:
-                q = rms_norm(q, as_f32(w[p + "attn_q_norm.weight"]), a.rms_eps)
-                k = rms_norm(k, as_f32(w[p + "attn_k_norm.weight"]), a.rms_eps)
-            attn = np.empty((T, a.n_head * a.head_dim), dtype=np.float32)
-            for seg in segments:
-                rows = slice(seg.row, seg.end)
-                qs = self.rope(q[rows], seg.cos, seg.sin)
-                seg.cache.store(layer, seg.start, self.rope(k[rows], seg.cos, seg.sin), v[rows])
-                end = seg.start + (seg.end - seg.row)
-                attn[rows] = self.attention(qs, seg.cache.keys[layer, :end], seg.cache.values[layer, :end], seg.start)
-            return x + self.linear(w, p + "attn_output.weight", attn)
+        T = x.shape[0]
+        h = rms_norm(x, as_f32(vec[p + "attn_norm.weight"]), a.rms_eps)
+        q, k, v = self.project(units.attn_in, (p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"), h)
+        if a.qkv_bias:
+            q += as_f32(vec[p + "attn_q.bias"])
+            k += as_f32(vec[p + "attn_k.bias"])
+            v += as_f32(vec[p + "attn_v.bias"])
+        q = q.reshape(T, a.n_head, a.head_dim)
+        k = k.reshape(T, a.n_head_kv, a.head_dim)
+        v = v.reshape(T, a.n_head_kv, a.head_dim)
+        if a.qk_norm:
+            q = rms_norm(q, as_f32(vec[p + "attn_q_norm.weight"]), a.rms_eps)
+            k = rms_norm(k, as_f32(vec[p + "attn_k_norm.weight"]), a.rms_eps)
+        attn = np.empty((T, a.n_head * a.head_dim), dtype=np.float32)
+        for seg in segments:
+            rows = slice(seg.row, seg.end)
+            qs = self.rope(q[rows], seg.cos, seg.sin)
+            seg.cache.store(layer, seg.start, self.rope(k[rows], seg.cos, seg.sin), v[rows])
+            end = seg.start + (seg.end - seg.row)
+            attn[rows] = self.attention(qs, seg.cache.keys[layer, :end], seg.cache.values[layer, :end], seg.start)
+        out, = self.project(units.attn_out, (p + "attn_output.weight",), attn)
+        return out
 
-    def gate_part(self, unit: str, layer: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The feed-forward's input h = rms_norm(x) and its gate projection ffn_gate(h)."""
-        p = f"blk.{layer}."
-        with self.acquired(unit) as w:
-            h = rms_norm(x, as_f32(w[p + "ffn_norm.weight"]), self.args.rms_eps)
-            return h, self.linear(w, p + "ffn_gate.weight", h)
+    def project(self, units: Sequence[str], names: Sequence[str], x: np.ndarray) -> list[np.ndarray]:
+        """x [T, in] times the transpose of each weight in ``names`` -> [T, out] each, from the row
+        slices ``units`` hold, one unit at a time."""
+        outs = [np.empty((x.shape[0], self.mf.tensors[n].shape[1]), dtype=np.float32) for n in names]
+        for unit in units:
+            self.project_unit(unit, names, x, outs)
+        return outs
 
-    def projection(self, unit: str, name: str, x: np.ndarray) -> np.ndarray:
-        """x times weight ``name``, held in ``unit`` (the feed-forward's up and down projections)."""
+    def project_unit(self, unit: str, names: Sequence[str], x: np.ndarray, outs: list[np.ndarray]) -> None:
+        """Fill ``outs`` with the rows of ``names`` that ``unit`` holds (a method so its tensors are let go on return)."""
         with self.acquired(unit) as w:
-            return self.linear(w, name, x)
+            for s in self.weights.unit(unit).slices:
+                info = self.mf.tensors[s.tensor]
+                outs[names.index(s.tensor)][:, s.row_start : s.row_end] = kernels.matmul(
+                    w[s.tensor], info.ggml_type, info.shape[0], x)
 
     @contextmanager
     def acquired(self, unit: str) -> Iterator[Mapping[str, np.ndarray]]:

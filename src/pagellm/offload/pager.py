@@ -1,12 +1,13 @@
 """LayerPager: brings tensor groups of a GGUF file into a fixed RAM budget as the forward pass needs them.
 
-The unit of residency is a *unit*: a part of a GGUF tensor group. A block ``blk.N`` is four units,
-which the forward pass uses one after the other: its attention tensors (``blk.N@attn``), then the
-feed-forward's norm and gate (``blk.N@gate``), up (``blk.N@up``) and down (``blk.N@down``)
-projections; ``globals`` is one unit; the token embedding and output head, when larger than a
-block's largest part, are slices of their rows (``output@k``). Small units keep the streaming
-window small: the unit computing plus the one being read is two parts, not two blocks, and the
-budget saved stays resident. ``acquire("blk.N")`` still holds a whole block.
+The unit of residency is a *unit*: a part of a GGUF tensor group. A block ``blk.N`` is its vectors
+(``blk.N@vectors``: norms and biases, pinned) and row slices of its matrices, which the forward pass
+uses one after the other: the attention's q, k, v (``blk.N@attn_in.k``), its output projection
+(``blk.N@attn_out.k``), the feed-forward's gate and up (``blk.N@ffn_in.k``) and down
+(``blk.N@ffn_out.k``); ``globals`` is one unit; the token embedding and output head, when larger
+than a block's largest unit, are slices of their rows (``output@k``). Small units keep the
+streaming window small: the unit computing plus the one being read, not two blocks, and the budget
+saved stays resident. ``acquire("blk.N")`` still holds a whole block.
 
 Replacement knows the order in which the decode step sweeps the units (``sweep_order``). Evicting the
 unit whose next use in that order is furthest away (Belady's rule on a cyclic sweep) keeps a stable
@@ -122,31 +123,76 @@ def _build_unit(mf: ModelFile, name: str, group: str, pieces: list[tuple[str, in
                 page_capacity(at))
 
 
-# The parts of a block, in the order the forward pass uses them. Each part it lets go before the next
-# is window it need not keep: splitting the feed-forward three ways took the 7B Q4_0 window from
-# 109 MiB (attention + feed-forward) to 72 (two units of the largest part's size), and its reads per
-# token at a 50% budget from 1972 to 1939 MB.
-BLOCK_PARTS = ("attn", "gate", "up", "down")
+# A block's matrices by the input they take, in the order the forward pass uses them: the attention's
+# projections of the normed input, its output projection, the feed-forward's gate and up, its down.
+# The forward pass lets each part's units go before it takes the next part's, so the streaming window
+# holds units, not blocks: cut from a 7B Q4_0 block's 36 MiB attention and 24 MiB feed-forward
+# matrices to a ~12 MiB unit each, its window went from 72 MiB to 24 (see plan_units).
+BLOCK_PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attn_in", ("attn_q", "attn_k", "attn_v")),
+    ("attn_out", ("attn_output",)),
+    ("ffn_in", ("ffn_gate", "ffn_up")),
+    ("ffn_out", ("ffn_down",)),
+)
+# A block's vectors (norms, biases: a few KiB) are one unit, pinned like the globals: the pass holds it
+# through the block, and a streamed unit that small would take a whole streamed buffer.
+VECTORS = "vectors"
+# Units are cut to about half the largest matrix, and no smaller than this: below a few MiB the
+# per-unit cost of the handoff to the reader outweighs the window it saves.
+MIN_UNIT_BYTES = 4 << 20
 
 
-def block_part(tensor: str) -> str:
-    """Which part of its block a ``blk.N.*`` tensor belongs to: 'up' for ``ffn_up*``, 'down' for
-    ``ffn_down*``, 'gate' for the other ``ffn_*`` (the norm and gate), else 'attn'."""
-    name = tensor.split(".", 2)[2]
-    if not name.startswith("ffn_"):
-        return "attn"
-    return "up" if name.startswith("ffn_up") else "down" if name.startswith("ffn_down") else "gate"
+def block_part(mf: ModelFile, tensor: str) -> str:
+    """Which part of its block a ``blk.N.*`` tensor belongs to: VECTORS for a 1-D tensor, else the
+    BLOCK_PARTS name listing its matrix ('' for a matrix no part lists)."""
+    if len(mf.tensors[tensor].shape) < 2:
+        return VECTORS
+    stem = tensor.split(".")[2]
+    return next((part for part, stems in BLOCK_PARTS if stem in stems), "")
+
+
+def part_of_unit(name: str) -> str:
+    """The part a block unit holds (``ffn_in`` for ``blk.3@ffn_in.1``; '' for a unit not cut from a block)."""
+    return name.partition("@")[2].partition(".")[0] if name.startswith("blk.") else ""
+
+
+def _cut_rows(mf: ModelFile, tensors: list[str], n: int) -> list[list[tuple[str, int, int, int]]]:
+    """Row slices (tensor, file offset, bytes, first row) of ``tensors``, taken in turn, in ``n``
+    runs of about equal bytes; a run may end inside a tensor and the next go on from there."""
+    total = sum(mf.tensors[t].nbytes for t in tensors)
+    runs: list[list[tuple[str, int, int, int]]] = [[]]
+    before = 0  # bytes of the tensors already cut
+    for t in tensors:
+        row_bytes, rows, base = _row_bytes(mf, t), _n_rows(mf, t), mf.tensors[t].offset
+        r = 0
+        while r < rows:
+            j = len(runs) - 1
+            end = rows if j == n - 1 else min(rows, max(r, round((total * (j + 1) / n - before) / row_bytes)))
+            if end > r:
+                runs[-1].append((t, base + r * row_bytes, (end - r) * row_bytes, r))
+                r = end
+            if r < rows:  # run j ends inside this tensor
+                runs.append([])
+        before += rows * row_bytes
+    return [run for run in runs if run]
 
 
 def plan_units(mf: ModelFile, alignment: int) -> dict[str, list[Unit]]:
-    """Units per group: blocks in their parts (``BLOCK_PARTS``), embedding/head split by rows.
+    """Units per group: a block's vectors, then its parts (``BLOCK_PARTS``) cut by rows; the
+    embedding/head split by rows.
 
-    Row slices are no larger than the largest block part. Every unit but the globals gets the
-    same streamed buffer size (``Unit.capacity``), the largest one's, so a unit streamed in takes
-    an evicted one's buffer as it is: sized each to its own unit, a 7B block's parts (36 and 24
-    MiB) grew and shrank victims' buffers on nearly every load (the planner's replay of the pager:
-    0.9 GB of pages mapped anew per token at a 25% budget, each zeroed by the kernel before the
-    read). The window then holds ``n`` units in ``n`` times that size.
+    Each part is cut into units of about half the largest block matrix (at least MIN_UNIT_BYTES),
+    and row slices of the embedding/head are no larger than the largest block unit. A smaller
+    unit is a smaller window (the window's bytes are budget not kept, so read each token): a 7B
+    Q4_0's reads per token at a 50% budget went from 1939 MB with one unit per part to about
+    1890 with ~12 MiB units, which read as fast (2.3 GB/s here, whole or cut).
+
+    Every unit but the pinned ones (globals, vectors) gets the same streamed buffer size
+    (``Unit.capacity``), the largest one's, so a unit streamed in takes an evicted one's buffer as
+    it is: sized each to its own unit, a 7B block's parts (36 and 24 MiB) grew and shrank
+    victims' buffers on nearly every load (the planner's replay of the pager: 0.9 GB of pages
+    mapped anew per token at a 25% budget, each zeroed by the kernel before the read). The window
+    then holds ``n`` units in ``n`` times that size.
     """
     units: dict[str, list[Unit]] = {}
 
@@ -154,14 +200,26 @@ def plan_units(mf: ModelFile, alignment: int) -> dict[str, list[Unit]]:
         pieces = [(t, mf.tensors[t].offset, mf.tensors[t].nbytes, 0) for t in tensors]
         return _build_unit(mf, name, group, pieces, alignment)
 
+    matrices = [mf.tensors[t].nbytes for g in mf.block_groups for t in mf.group(g).tensor_names
+                if len(mf.tensors[t].shape) > 1]
+    target = max(MIN_UNIT_BYTES, max(matrices, default=0) // 2)
     for group in mf.block_groups:
         names = mf.group(group).tensor_names
-        parts = [[t for t in names if block_part(t) == part] for part in BLOCK_PARTS]
-        if all(parts):
-            units[group] = [whole(f"{group}@{part}", group, ts) for part, ts in zip(BLOCK_PARTS, parts)]
-        else:
-            units[group] = [whole(group, group, names)]
-    block_units = [u.nbytes for us in units.values() for u in us]
+        by_part = {part: [t for t in names if block_part(mf, t) == part] for part in (VECTORS, "")}
+        for part, stems in BLOCK_PARTS:
+            # the part's matrices in the order the part names them (q, k, v)
+            by_part[part] = sorted((t for t in names if block_part(mf, t) == part),
+                                   key=lambda t: stems.index(t.split(".")[2]))
+        if by_part[""] or not all(by_part[part] for part, _ in BLOCK_PARTS) or not by_part[VECTORS]:
+            units[group] = [whole(group, group, names)]  # not a llama block: one unit
+            continue
+        units[group] = [whole(f"{group}@{VECTORS}", group, by_part[VECTORS])]
+        for part, _ in BLOCK_PARTS:
+            tensors = by_part[part]
+            n = max(1, -(-sum(mf.tensors[t].nbytes for t in tensors) // target))
+            units[group] += [_build_unit(mf, f"{group}@{part}.{k}", group, run, alignment)
+                             for k, run in enumerate(_cut_rows(mf, tensors, n))]
+    block_units = [u.nbytes for us in units.values() for u in us if part_of_unit(u.name) != VECTORS]
     others = [mf.group_bytes(g) for g in mf.groups if g not in units]
     max_slice = max(block_units) if block_units else max(others, default=0)
     for group in mf.groups:
@@ -182,12 +240,17 @@ def plan_units(mf: ModelFile, alignment: int) -> dict[str, list[Unit]]:
             piece = (tensor, base + r0 * row_bytes, (r1 - r0) * row_bytes, r0)
             parts.append(_build_unit(mf, f"{group}@{k}", group, [piece], alignment))
         units[group] = parts
-    streamable = [u.capacity for g, us in units.items() if g != GLOBALS for u in us]
+    streamable = [u.capacity for us in units.values() for u in us if not always_pinned(u)]
     if streamable:
         shared = max(streamable)
-        units = {g: [u if g == GLOBALS else dataclasses.replace(u, capacity=shared) for u in us]
+        units = {g: [u if always_pinned(u) else dataclasses.replace(u, capacity=shared) for u in us]
                  for g, us in units.items()}
     return {g: units[g] for g in mf.groups}
+
+
+def always_pinned(unit: Unit) -> bool:
+    """Units every policy pins: the globals and each block's vectors (held while whole passes or blocks run)."""
+    return unit.group == GLOBALS or part_of_unit(unit.name) == VECTORS
 
 
 def pinned_groups(mf: ModelFile, policy: AnyPolicy) -> list[str]:
@@ -302,7 +365,7 @@ class LayerPager:
         self._entries: dict[str, _Entry] = {}
         for group, units in self._units_by_group.items():
             for unit in units:
-                self._entries[unit.name] = _Entry(unit, pinned=group in pinned_groups)
+                self._entries[unit.name] = _Entry(unit, pinned=group in pinned_groups or always_pinned(unit))
         self.sweep_order = sweep_order(mf, self._units_by_group)
         self._group_of_tensor = {s.tensor: g for g, us in self._units_by_group.items() for u in us for s in u.slices}
         self._order_index = {name: i for i, name in enumerate(self.sweep_order)}
@@ -352,7 +415,8 @@ class LayerPager:
         pinned = set(mf.groups) if policy.is_disabled() else set(pinned_groups(mf, policy))
         units = [u for us in by_group.values() for u in us]
         prefetch = policy.prefetch_n_ahead if isinstance(policy, PinnedHotSet) else 1
-        return units, sweep_order(mf, by_group), [u.name for u in units if u.group in pinned], prefetch
+        pinned_units = [u.name for u in units if u.group in pinned or always_pinned(u)]
+        return units, sweep_order(mf, by_group), pinned_units, prefetch
 
     def _check_budget_fits(self) -> None:
         if self._budget is None:
