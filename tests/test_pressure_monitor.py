@@ -128,6 +128,23 @@ def test_shrink_evicts_generation_continues_grow_restores_hit_rate(
     assert [e.kind for e in monitor.stats.events] == ["shrink", "grow"]
 
 
+def test_a_changed_budget_is_planned_again(engine_and_probe: tuple[InferenceEngine, MachineProbe]) -> None:
+    engine, probe = engine_and_probe
+    monitor, pager = engine.pressure, engine.weights
+    engine.generate(PROMPT, max_tokens=N_TOKENS)
+    settle(pager)
+    resident = pager.resident_bytes
+    assert not engine.plan.streamed  # everything fits at first
+    probe.set_available(resident + MARKS.low_water_bytes - resident // 2)
+    event = monitor.poll_once()
+    assert event is not None and event.kind == "shrink"
+    # the plan is for the budget now in force, and the pager pages with the window it chose
+    assert engine.plan.placement.budget_bytes == pager.budget_bytes < monitor.max_budget
+    assert engine.plan.streamed and pager.placement == engine.plan.placement
+    assert pager.window_units == engine.plan.placement.window_units
+    assert engine.generate(PROMPT, max_tokens=N_TOKENS).stats.bytes_read > 0
+
+
 def test_budget_never_goes_below_pinned_plus_largest_unit(engine_and_probe: tuple[InferenceEngine, MachineProbe],
                                                           expected: list[int]) -> None:
     engine, probe = engine_and_probe

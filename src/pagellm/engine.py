@@ -226,7 +226,8 @@ class InferenceEngine:
         if self.plan.streamed and not isinstance(self.weights, ResidentStore):
             self.weights.set_window_units(self.plan.placement.window_units)  # the window the planner chose
         if probe is not None:
-            self.pressure = PressureMonitor(self.weights, probe, policy.ram_budget_bytes(), cfg.pressure).start()
+            self.pressure = PressureMonitor(self.weights, probe, policy.ram_budget_bytes(), cfg.pressure,
+                                            on_change=lambda budget: self._plan_again(mf, policy, budget)).start()
         self.model_file, self.args, self.n_ctx = mf, args, n_ctx
         self.model = LlamaModel(args, mf, self.weights)
         if self.plan.streamed:
@@ -246,6 +247,16 @@ class InferenceEngine:
             self.model.compute_threads = max(1, threads)
         self.cache = self.model.new_cache(n_ctx)
         return self
+
+    def _plan_again(self, mf: ModelFile, policy: AnyPolicy, budget: int) -> None:
+        """Plan for a budget the pressure monitor set, and page with the window chosen for it (the
+        pager placed anew keeping the old window; a smaller budget may call for another)."""
+        cfg = self.config
+        plan = plan_offload(mf, replace(policy, ram_bytes=budget), cfg.machine_profile or MachineProfile.load_or_default(),
+                            self.weights.source.alignment, replacement=cfg.replacement)
+        if plan.streamed:
+            self.weights.set_window_units(plan.placement.window_units)
+        self.plan = plan
 
     @property
     def layer_pager(self) -> LayerPager | None:

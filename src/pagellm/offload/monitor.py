@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from pagellm.modelfile import GLOBALS
 from pagellm.offload.pager import LayerPager
@@ -79,12 +80,14 @@ class MonitorStats:
 class PressureMonitor:
     """Resizes ``pager``'s budget between its floor and ``max_budget`` as ``probe`` reports memory coming and going."""
 
-    def __init__(self, pager: LayerPager, probe: MemoryProbe, max_budget: int, config: PressureConfig | None = None):
+    def __init__(self, pager: LayerPager, probe: MemoryProbe, max_budget: int, config: PressureConfig | None = None,
+                 on_change: Callable[[int], None] | None = None):
         if pager.budget_bytes is None:
             raise ValueError("a pager without a budget (NoOffload) has nothing to shrink")
         self.pager = pager
         self.probe = probe
         self.config = config or PressureConfig()
+        self.on_change = on_change  # called with the new budget after each change (the engine plans again)
         self.max_budget = max(int(max_budget), self.floor_bytes)
         self.stats = MonitorStats()
         self._lock = threading.Lock()  # one poll at a time (the thread, or a caller of poll_once)
@@ -152,6 +155,11 @@ class PressureMonitor:
                 s.grows += 1
             s.min_budget_bytes = after if s.min_budget_bytes is None else min(s.min_budget_bytes, after)
             log.info("memory pressure: %s budget %d -> %d B (available %d B)", kind, budget, after, available)
+            if self.on_change is not None:
+                try:
+                    self.on_change(after)
+                except Exception:  # noqa: BLE001 - the budget changed all the same; the old window still works
+                    log.exception("planning for the budget of %d B failed", after)
             return event
 
     def _target(self, available: int, budget: int, resident: int) -> int | None:
