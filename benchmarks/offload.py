@@ -177,6 +177,7 @@ def main() -> None:
         profile.disk_bytes_per_s_beside_one_fewer = measured.disk_bytes_per_s_beside_one_fewer
         profile.compute_kept_beside_reads = measured.compute_kept_beside_reads
         profile.fresh_page_bytes_per_s = measured.fresh_page_bytes_per_s
+        profile.unit_overhead_s = measured.unit_overhead_s
         profile.layer_overhead_s_by_shape[model_shape(mf)] = measured.layer_overhead(model_shape(mf))
         profile.threads = measured.threads
     # The rows run in child processes; LLVM pages this process still maps would count as shared in
@@ -194,7 +195,7 @@ def main() -> None:
           f"compute {rates}; on one thread fewer {fewer or '-'}; "
           "per layer besides mat-vecs "
           + ", ".join(f"{ms * 1e3:.2f} ms ({shape})" for shape, ms in profile.layer_overhead_s_by_shape.items())
-          + "; new pages at "
+          + f"; {profile.unit_overhead_s * 1e6:.0f} us per unit; new pages at "
           f"{profile.fresh_page_bytes_per_s / 1e9:.2f} GB/s; {args.threads} threads")
     profile_file = Path(tempfile.mkdtemp(prefix="pagellm-bench-")) / "profile.json"
     print("disk: GB/s of the disk measured alone around the row (O_DIRECT reads, warm, of the very ranges the row streams, in "

@@ -182,7 +182,8 @@ def test_lru_plan_streams_every_unpinned_unit_as_the_lru_pager_does():
 def test_plan_leaves_a_core_to_reads_where_they_bound_the_step_or_suffer_beside_compute():
     mf = ModelFile.open(SYNTH)
     policy = Budget(int(0.4 * mf.weight_bytes))
-    rates = dict(compute_bytes_per_s={"Q8_0": 8e9, "F32": 8e9}, compute_bytes_per_s_one_fewer={"Q8_0": 4.5e9, "F32": 4.5e9},
+    rates = dict(unit_overhead_s=0.0, compute_bytes_per_s={"Q8_0": 8e9, "F32": 8e9},
+                 compute_bytes_per_s_one_fewer={"Q8_0": 4.5e9, "F32": 4.5e9},
                  threads=2)
     coupled = plan_offload(mf, policy, MachineProfile(disk_bytes_per_s=2e9, disk_bytes_per_s_beside_compute=0.8e9, **rates))
     separate = plan_offload(mf, policy, MachineProfile(disk_bytes_per_s=2e9, disk_bytes_per_s_beside_compute=2e9, **rates))
@@ -216,7 +217,8 @@ def test_reads_run_at_the_disks_own_rate_while_compute_waits_for_them():
     def plan(compute_rate: float, beside: float):
         rates = {"Q8_0": compute_rate, "F32": compute_rate}
         return plan_offload(mf, policy, MachineProfile(disk_bytes_per_s=2e9, disk_bytes_per_s_beside_compute=beside,
-                                                       compute_bytes_per_s=rates, layer_overhead_s=0.0, threads=2))
+                                                       compute_bytes_per_s=rates, layer_overhead_s=0.0, threads=2,
+                                                       unit_overhead_s=0.0))
 
     slow_beside = plan(4e9, 1e9)
     rate = slow_beside.predicted_bytes_per_token / slow_beside.read_seconds_per_token
@@ -250,6 +252,28 @@ def test_layer_overhead_is_per_model_shape():
     assert own.compute_seconds_per_token == pytest.approx(none.compute_seconds_per_token + blocks * 1e-3)
     assert foreign.compute_seconds_per_token == none.compute_seconds_per_token
     assert 0 < measure_layer_overhead(mf, repeats=5) < 0.1
+
+
+def test_each_unit_costs_the_step_its_overhead_and_the_floor_nothing():
+    from pagellm.offload.planner import measure_unit_overhead
+
+    mf = ModelFile.open(SYNTH)
+    base = dict(disk_bytes_per_s=2e9, compute_bytes_per_s={"Q8_0": 8e9, "F32": 8e9}, layer_overhead_s=0.0)
+    order = LayerPager.describe(mf, NoOffload(), 4096)[1]
+    plans = {}
+    for name, policy in (("in RAM", Budget(2 * mf.weight_bytes)), ("paged", Budget(int(0.4 * mf.weight_bytes)))):
+        none = plan_offload(mf, policy, MachineProfile(unit_overhead_s=0.0, **base), window_units=2)
+        some = plan_offload(mf, policy, MachineProfile(unit_overhead_s=1e-3, **base), window_units=2)
+        # the floor is the mat-vecs and the layers' own work, not our bookkeeping
+        assert some.floor_seconds_per_token == none.floor_seconds_per_token
+        assert some.compute_seconds_per_token == none.compute_seconds_per_token
+        plans[name] = none, some
+    none, some = plans["in RAM"]
+    assert not some.streamed
+    assert some.predicted_seconds_per_token == pytest.approx(none.predicted_seconds_per_token + len(order) * 1e-3)
+    none, some = plans["paged"]
+    assert some.streamed and some.predicted_seconds_per_token > none.predicted_seconds_per_token
+    assert 0 < measure_unit_overhead(mf, repeats=50) < 0.01
 
 
 def test_fresh_page_replay_arithmetic():
@@ -301,6 +325,7 @@ def test_compute_on_every_thread_slows_beside_reads_as_measured():
     policy = Budget(int(0.4 * mf.weight_bytes))
     # reads of the 60% streamed take about 0.8 of the compute's time: compute bounds the step
     rates = dict(compute_bytes_per_s={"Q8_0": 2e9, "F32": 2e9}, layer_overhead_s=0.0, fresh_page_bytes_per_s=1e15,
+                 unit_overhead_s=0.0,
                  disk_bytes_per_s=1.5e9, threads=2)
 
     def plan(kept: float, fewer_rate: float | None = None):
@@ -349,6 +374,7 @@ def test_calibration_measures_reads_and_compute_beside_each_other():
 
 
 WINDOW_PROFILE = dict(disk_bytes_per_s=1e9, compute_bytes_per_s={"Q8_0": 4e9, "F32": 4e9}, layer_overhead_s=0.0,
+                      unit_overhead_s=0.0,
                       fresh_page_bytes_per_s=1e15)
 
 

@@ -223,6 +223,9 @@ class MachineProfile:
     compute_kept_beside_reads: float = 1.0
     # bytes/s at which the kernel maps and zeroes new pages: what a read into fresh memory costs extra
     fresh_page_bytes_per_s: float = 7.0e9
+    # seconds the forward pass spends on each unit besides its mat-vecs' bytes: acquire, the read-ahead
+    # request, release, the kernel calls (``measure_unit_overhead``; 0.05-0.1 ms here)
+    unit_overhead_s: float = 1.0e-4
     threads: int = 0
     measured: bool = False
     source: str = "defaults"
@@ -550,6 +553,40 @@ def measure_layer_overhead(mf: ModelFile, repeats: int = 30) -> float:
     return float(np.median(times[1:]))
 
 
+def measure_unit_overhead(mf: ModelFile, repeats: int = 300) -> float:
+    """Seconds the forward pass spends per unit besides its mat-vecs' bytes: acquire, the read-ahead
+    request, release and a kernel call, timed on the model's own pager with a tiny weight.
+
+    The pager reads only its pinned units (globals and block vectors, a few KiB each) and its
+    read-ahead requests go nowhere, so the bookkeeping is what is timed. The median of five rounds.
+    """
+    from pagellm import kernels
+    from pagellm.models.config import ModelArgs
+    from pagellm.models.llama import LlamaModel
+    from pagellm.offload.pager import LayerPager
+    from pagellm.synth import random_weights
+
+    class Quiet(LayerPager):
+        def prefetch(self, names: Sequence[str]) -> None:
+            """Requests go nowhere: the reader never starts."""
+
+    qtype = GGMLQuantizationType.Q8_0
+    w = random_weights("Q8_0", 32, 64, seed=1)
+    x = np.ones((1, 64), np.float32)
+    kernels.matmul(w, qtype, 64, x)  # compiled before timing
+    with Quiet(mf, None, prefetch_n_ahead=1) as pager:
+        model = LlamaModel(ModelArgs.from_model_file(mf), mf, pager)
+        units = [b.vectors for b in model.block_units]
+        rounds = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for i in range(repeats):
+                with model.acquired(units[i % len(units)]):
+                    kernels.matmul(w, qtype, 64, x)
+            rounds.append((time.perf_counter() - t0) / repeats)
+    return float(np.median(rounds))
+
+
 def calibrate(
     mf: ModelFile,
     seconds: float = 5.0,
@@ -578,6 +615,7 @@ def calibrate(
     profile = MachineProfile.load_or_default()
     profile.use_shared_rates(shared, n_threads)
     profile.fresh_page_bytes_per_s = measure_fresh_pages()
+    profile.unit_overhead_s = measure_unit_overhead(mf)
     profile.compute_bytes_per_s.update(rates)
     profile.compute_bytes_per_s_one_fewer.update(fewer)
     profile.layer_overhead_s = overhead
@@ -924,10 +962,13 @@ def plan_offload(
         streamed = set(placement.streamed)
         bytes_per_token = sum(payload[u] for u in streamed) + (row_bytes if placement.row_read else 0)
         slots = placement.window_units
+        # the floor counts the mat-vecs and the per-layer work; the step also pays for each unit
+        per_unit = profile.unit_overhead_s
         if not streamed:
+            working = compute + per_unit * len(order)
             return Plan(placement, mf.weight_bytes, payload, bytes_per_token, compute,
-                        bytes_per_token / profile.disk_bytes_per_s, 0.0, max(compute, 1e-9), floor, profile, None,
-                        compute)
+                        bytes_per_token / profile.disk_bytes_per_s, 0.0, max(working, 1e-9), floor, profile, None,
+                        working)
         # Two ways to share the cores with the reader: compute on every thread or on one thread fewer,
         # each with reads at the rate measured beside it; the faster wins.
         options: list[tuple[float, float, float, int | None, float]] = []
@@ -940,7 +981,8 @@ def plan_offload(
         room = (budget - sum(capacities[u] for u in placement.pinned + placement.resident)
                 if budget is not None and prefetch > 0 else None)
         for fewer in (False, True) if threads > 1 and profile.compute_bytes_per_s_one_fewer else (False,):
-            beside, alone_s = profile.read_rate_beside_compute(fewer), compute_seconds(fewer)
+            beside = profile.read_rate_beside_compute(fewer)
+            alone_s = {u: t + per_unit for u, t in compute_seconds(fewer).items()}
             kept_share, disk, slowed = profile.compute_kept(fewer), beside, 1.0
             work = sum(alone_s.values())
             # Reads run beside compute only while it computes; while it waits for them they run at the
