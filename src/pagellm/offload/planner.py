@@ -150,7 +150,7 @@ def _run_bytes(order: Sequence[str], units: Mapping[str, int], n: int) -> int:
 
 
 def block_of(unit: str) -> str:
-    """The block a unit belongs to (``blk.3`` for ``blk.3@up``); other units stand for themselves."""
+    """The block a unit belongs to (``blk.3`` for ``blk.3@ffn_in.1``); other units stand for themselves."""
     return unit.partition("@")[0] if unit.startswith("blk.") else unit
 
 
