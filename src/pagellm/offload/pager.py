@@ -126,8 +126,8 @@ def _build_unit(mf: ModelFile, name: str, group: str, pieces: list[tuple[str, in
 # A block's matrices by the input they take, in the order the forward pass uses them: the attention's
 # projections of the normed input, its output projection, the feed-forward's gate and up, its down.
 # The forward pass lets each part's units go before it takes the next part's, so the streaming window
-# holds units, not blocks: cut from a 7B Q4_0 block's 36 MiB attention and 24 MiB feed-forward
-# matrices to a ~12 MiB unit each, its window went from 72 MiB to 24 (see plan_units).
+# holds units, not blocks: with a 7B Q4_0 block's 36 MiB attention and 24 MiB feed-forward matrices
+# cut to ~12 MiB units, a window of two units went from 72 MiB to 24 (see plan_units).
 BLOCK_PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("attn_in", ("attn_q", "attn_k", "attn_v")),
     ("attn_out", ("attn_output",)),
@@ -187,8 +187,9 @@ def plan_units(mf: ModelFile, alignment: int) -> dict[str, list[Unit]]:
     Each part is cut into units of about half the largest block matrix (at least MIN_UNIT_BYTES),
     and row slices of the embedding/head are no larger than the largest block unit. A smaller
     unit is a smaller window (the window's bytes are budget not kept, so read each token): a 7B
-    Q4_0's reads per token at a 50% budget went from 1939 MB with one unit per part to about
-    1890 with ~12 MiB units, which read as fast (2.3 GB/s here, whole or cut).
+    Q4_0's reads per token at a 50% budget went from 1939 MB with one unit per part to 1876-1896
+    with ~12 MiB units and the budget filled unit by unit; reads that size ran as fast (2.3 GB/s
+    here, whole or cut).
 
     Every unit but the pinned ones (globals, vectors) gets the same streamed buffer size
     (``Unit.capacity``), the largest one's, so a unit streamed in takes an evicted one's buffer as

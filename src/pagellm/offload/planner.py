@@ -224,7 +224,7 @@ class MachineProfile:
     # bytes/s at which the kernel maps and zeroes new pages: what a read into fresh memory costs extra
     fresh_page_bytes_per_s: float = 7.0e9
     # seconds the forward pass spends on each unit besides its mat-vecs' bytes: acquire, the read-ahead
-    # request, release, the kernel calls (``measure_unit_overhead``; 0.05-0.1 ms here)
+    # request, release, the kernel calls (``measure_unit_overhead``: 0.04 ms here)
     unit_overhead_s: float = 1.0e-4
     threads: int = 0
     measured: bool = False
