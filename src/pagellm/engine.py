@@ -221,13 +221,12 @@ class InferenceEngine:
         release_compiler_pages()
         self.weights = LayerPager.build(mf, policy, replacement=cfg.replacement, io_mode=cfg.io_mode)
         # What the planner expects of this placement on this machine (cached calibration or defaults).
-        self.plan = plan_offload(mf, policy, cfg.machine_profile or MachineProfile.load_or_default(),
-                                 self.weights.source.alignment, replacement=cfg.replacement)
-        if self.plan.streamed and not isinstance(self.weights, ResidentStore):
-            self.weights.set_window_units(self.plan.placement.window_units)  # the window the planner chose
+        self._plan(mf, policy)
         if probe is not None:
+            # a budget the monitor moves is planned again: a smaller one may call for another window
             self.pressure = PressureMonitor(self.weights, probe, policy.ram_budget_bytes(), cfg.pressure,
-                                            on_change=lambda budget: self._plan_again(mf, policy, budget)).start()
+                                            on_change=lambda budget: self._plan(mf, replace(policy, ram_bytes=budget))
+                                            ).start()
         self.model_file, self.args, self.n_ctx = mf, args, n_ctx
         self.model = LlamaModel(args, mf, self.weights)
         if self.plan.streamed:
@@ -248,13 +247,12 @@ class InferenceEngine:
         self.cache = self.model.new_cache(n_ctx)
         return self
 
-    def _plan_again(self, mf: ModelFile, policy: AnyPolicy, budget: int) -> None:
-        """Plan for a budget the pressure monitor set, and page with the window chosen for it (the
-        pager placed anew keeping the old window; a smaller budget may call for another)."""
+    def _plan(self, mf: ModelFile, policy: AnyPolicy) -> None:
+        """Plan ``policy`` on this machine (cached calibration or defaults) and page with the window it chose."""
         cfg = self.config
-        plan = plan_offload(mf, replace(policy, ram_bytes=budget), cfg.machine_profile or MachineProfile.load_or_default(),
+        plan = plan_offload(mf, policy, cfg.machine_profile or MachineProfile.load_or_default(),
                             self.weights.source.alignment, replacement=cfg.replacement)
-        if plan.streamed:
+        if plan.streamed and not isinstance(self.weights, ResidentStore):
             self.weights.set_window_units(plan.placement.window_units)
         self.plan = plan
 

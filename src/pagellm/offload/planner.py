@@ -949,6 +949,9 @@ def plan_offload(
                 + (overhead / parts[group[u]] if u.startswith("blk.") else 0.0) for u in order}
 
     compute_s = compute_seconds(False)  # on every thread: what the floor counts
+    # as the step runs it, each unit's bookkeeping added: on every thread (False) and on one fewer (True)
+    step_compute_s = {fewer: {u: t + profile.unit_overhead_s for u, t in compute_seconds(fewer).items()}
+                      for fewer in (False, True)}
     compute = sum(compute_s.values())
     threads = profile.threads or os.cpu_count() or 1
     floor_bytes = max(0, mf.weight_bytes - budget) if budget is not None else 0
@@ -962,10 +965,8 @@ def plan_offload(
         streamed = set(placement.streamed)
         bytes_per_token = sum(payload[u] for u in streamed) + (row_bytes if placement.row_read else 0)
         slots = placement.window_units
-        # the floor counts the mat-vecs and the per-layer work; the step also pays for each unit
-        per_unit = profile.unit_overhead_s
-        if not streamed:
-            working = compute + per_unit * len(order)
+        if not streamed:  # the floor counts the mat-vecs and the per-layer work; the step also each unit
+            working = sum(step_compute_s[False].values())
             return Plan(placement, mf.weight_bytes, payload, bytes_per_token, compute,
                         bytes_per_token / profile.disk_bytes_per_s, 0.0, max(working, 1e-9), floor, profile, None,
                         working)
@@ -982,7 +983,7 @@ def plan_offload(
                 if budget is not None and prefetch > 0 else None)
         for fewer in (False, True) if threads > 1 and profile.compute_bytes_per_s_one_fewer else (False,):
             beside = profile.read_rate_beside_compute(fewer)
-            alone_s = {u: t + per_unit for u, t in compute_seconds(fewer).items()}
+            alone_s = step_compute_s[fewer]
             kept_share, disk, slowed = profile.compute_kept(fewer), beside, 1.0
             work = sum(alone_s.values())
             # Reads run beside compute only while it computes; while it waits for them they run at the
