@@ -277,11 +277,9 @@ def main() -> None:
                     disk_bytes_per_s_beside_one_fewer=profile.read_rate_beside_compute(True) * scale)
                 at_row = plan_offload(mf, policy, at_row_profile, replacement=replacement,
                                       window_units=r["window_units"])
-                # The disk delivers at least the fastest rate it was measured at: alone, or beside
-                # compute on one thread fewer, which on small reads here sometimes measured faster
-                # (idle cores seem to answer completions later); the slower would flatter the ratio.
-                bandwidth = max(profile.disk_bytes_per_s, profile.read_rate_beside_compute(True))
-                floor_s = max(plan.compute_seconds_per_token, (M - B) / bandwidth)
+                # the disk's bandwidth as the planner takes it: the fastest it was measured at, alone or
+                # beside compute on one thread fewer (the slower would flatter the ratio)
+                floor_s = max(plan.compute_seconds_per_token, (M - B) / profile.disk_rate())
                 ratio = r["tok_s"] * floor_s
                 # the same ratio with the rate the row's own reads achieved as the disk's (kinder where
                 # the disk drifted down during the row, stricter where it drifted up)
