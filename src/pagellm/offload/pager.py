@@ -609,8 +609,8 @@ class LayerPager:
                 del entry.holders[me]
             if self._stale(entry):
                 self._evict(entry)  # read into a buffer for the role it had before the placement changed
-            if not entry.refs:
-                self._freed += 1
+            if not entry.refs and not entry.pinned and name not in self._keep:
+                self._freed += 1  # a streamed unit let go: a read-ahead may take its buffer now
             self._cond.notify_all()
 
     @contextmanager
