@@ -328,3 +328,37 @@ def test_threads_limited_sets_and_restores_the_callers_threads():
         with kernels.threads_limited(1):
             assert kernels.get_num_threads() == 1
     assert kernels.get_num_threads() == before
+
+
+def _attention_reference(q, keys, values, start):
+    """Causal grouped-query attention in float64 from the halves' exact values."""
+    T, H, D = q.shape
+    group = H // keys.shape[1]
+    k, v = keys.astype(np.float64), values.astype(np.float64)
+    out = np.empty((T, H, D))
+    for t in range(T):
+        n = start + t + 1
+        for h in range(H):
+            s = k[:n, h // group] @ q[t, h].astype(np.float64) / np.sqrt(D)
+            p = np.exp(s - s.max())
+            out[t, h] = (p / p.sum()) @ v[:n, h // group]
+    return out
+
+
+@pytest.mark.parametrize("heads,kv_heads,positions,queries", [(4, 4, 1, 1), (8, 2, 37, 1), (8, 2, 40, 4), (6, 3, 300, 2)])
+def test_attention_over_half_cache_matches_reference(heads, kv_heads, positions, queries):
+    rng = np.random.default_rng(positions)
+    D = 64
+    cache_k = (rng.standard_normal((positions, kv_heads, D)) * 2).astype(np.float16)
+    cache_v = rng.standard_normal((positions, kv_heads, D)).astype(np.float16)
+    q = rng.standard_normal((queries, heads, D)).astype(np.float32)
+    # the queries are the last positions filled; each sees the keys up to its own position only
+    start = positions - queries
+    got = kernels.attend(q, cache_k, cache_v, start)
+    want = _attention_reference(q, cache_k, cache_v, start)
+    assert got.shape == (queries, heads, D) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # the prompt path (float32 copy for BLAS) agrees with the fused one
+    heads_first = kernels.halves_heads_first(cache_k)
+    assert heads_first.shape == (kv_heads, positions, D)
+    assert np.array_equal(heads_first, cache_k.astype(np.float32).transpose(1, 0, 2))

@@ -32,6 +32,7 @@ _BLAS_LIMIT = threadpoolctl.threadpool_limits(limits=1, user_api="blas")
 
 from . import activations, floats, kquants, legacy  # noqa: E402  (after the threading layer is chosen)
 from .base import TypeKernels  # noqa: E402
+from .attention import FUSED_MAX_QUERIES, attend, halves_heads_first  # noqa: E402
 
 __all__ = [
     "KERNELS",
@@ -42,6 +43,8 @@ __all__ = [
     "matmul",
     "matvec",
     "row_bytes",
+    "attend",
+    "halves_heads_first",
     "get_num_threads",
     "set_num_threads",
     "threads_limited",
@@ -178,6 +181,9 @@ def warm_up(ggml_types: Iterable) -> None:
         dequantize(raw, t, cols)
         for n in (1, 2, FUSED_MATMUL_MAX_VECTORS + 1):  # mat-vec, several vectors, the tiled BLAS path
             matmul(raw, t, cols, np.zeros((n, cols), dtype=np.float32))
+    cache = np.zeros((1, 1, 8), dtype=np.float16)  # attention over the KV cache: decoding, and a prompt
+    attend(np.zeros((1, 1, 8), dtype=np.float32), cache, cache, 0)
+    halves_heads_first(cache)
 
 
 def _tiled_blas_matmul(kernels: TypeKernels, rows: np.ndarray, cols: int, X: np.ndarray, out: np.ndarray) -> None:

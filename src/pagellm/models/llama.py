@@ -49,6 +49,13 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
 
+def as_heads_first(cache: np.ndarray) -> np.ndarray:
+    """Cached keys or values ``[positions, heads, dim]`` as float32 ``[heads, positions, dim]``."""
+    if cache.dtype == np.float16:
+        return kernels.halves_heads_first(cache)
+    return np.ascontiguousarray(cache.astype(np.float32, copy=False).transpose(1, 0, 2))
+
+
 def as_f32(raw: np.ndarray) -> np.ndarray:
     """An F32 tensor's raw bytes as float32 values (norm weights, biases)."""
     return raw.view(np.float32)
@@ -255,10 +262,14 @@ class LlamaModel:
         """Causal grouped-query attention: query head h reads KV head h // (n_head / n_head_kv)."""
         a = self.args
         T, S, group = q.shape[0], keys.shape[0], a.n_head // a.n_head_kv
+        if T <= kernels.FUSED_MAX_QUERIES and keys.dtype == values.dtype == np.float16:
+            # decoding: one pass over the cached halves, no float32 copy of the cache
+            return kernels.attend(q, keys, values, start).reshape(T, a.n_head * a.head_dim)
         qh = q.reshape(T, a.n_head_kv, group, a.head_dim).transpose(1, 2, 0, 3)  # [kv, g, T, d]
-        # Contiguous operands: numpy's stacked matmul only reaches BLAS for them (50x here).
-        k = np.ascontiguousarray(keys.astype(np.float32).transpose(1, 2, 0))  # [kv, d, S]
-        v = np.ascontiguousarray(values.astype(np.float32).transpose(1, 0, 2))  # [kv, S, d]
+        # Each head's keys and values contiguous (keys transposed as a view): numpy's stacked matmul
+        # only reaches BLAS for such operands (50x here).
+        k = as_heads_first(keys).transpose(0, 2, 1)  # [kv, d, S]
+        v = as_heads_first(values)  # [kv, S, d]
         scores = (qh.reshape(a.n_head_kv, group * T, a.head_dim) @ k).reshape(a.n_head_kv, group, T, S)
         scores *= np.float32(1.0 / np.sqrt(a.head_dim))
         if T > 1:  # causal: query t (position start+t) sees keys up to its own position
