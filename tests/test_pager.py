@@ -352,6 +352,8 @@ def test_reader_reads_ahead_along_the_sweep_once_per_unit():
         capacity = {u: pager.buffer_bytes(u) for u in pager.units}
         assert s.fresh_buffer_bytes + s.reused_buffer_bytes == sum(capacity[u] * n for u, n in s.reads_by_unit.items())
         assert s.reused_buffer_bytes > 0
+        # the count of sweep units in RAM (which lets read-ahead requests stop early) stayed true
+        assert pager._sweep_in_ram == sum(pager.is_resident(u) for u in pager.sweep_order)
 
 
 def test_blocks_split_in_forward_order_and_streamed_units_share_one_buffer_size():
