@@ -214,7 +214,7 @@ class MachineProfile:
     # bytes/s at which the kernel maps and zeroes new pages: what a read into fresh memory costs extra
     fresh_page_bytes_per_s: float = 7.0e9
     # seconds the forward pass spends on each unit besides its mat-vecs' bytes: acquire, the read-ahead
-    # request, release, the kernel calls (``measure_unit_overhead``: 0.04 ms here)
+    # request, release, the kernel calls (``measure_unit_overhead``: 0.06-0.12 ms here)
     unit_overhead_s: float = 1.0e-4
     threads: int = 0
     measured: bool = False
@@ -513,11 +513,25 @@ def model_shape(mf: ModelFile) -> str:
     return f"embd {args.n_embd}, ff {args.n_ff}, heads {args.n_head}/{args.n_head_kv}x{args.head_dim}"
 
 
+# Bytes streamed through the caches before each timed piece of bookkeeping, as a unit's mat-vec
+# (9-12 MiB here) streams its weights through them before the forward pass's bookkeeping. Decoding
+# in RAM on one thread spent 22 ms per token besides the mat-vecs on TinyLlama, 47 on the 7B;
+# timed with warm caches the calibration gave 11 and 28, with 8 MiB swept 21 and 41, with 32 MiB
+# (the whole last-level cache) 35 and 99.
+CACHE_SWEEP_BYTES = 8 * MiB
+
+
+def _cold_caches(sweep: np.ndarray) -> None:
+    """Stream ``sweep`` through the caches, as a unit's mat-vec does before the forward pass's bookkeeping."""
+    float(sweep.sum())
+
+
 def measure_layer_overhead(mf: ModelFile, repeats: int = 30) -> float:
     """Seconds per block of everything but the mat-vecs (norms, rope, attention over a short context).
 
-    The median of ``repeats`` timed blocks after an untimed one: a first call (numba loading a
-    kernel, numpy allocating) and an interrupted one would otherwise weigh on every block.
+    Each timed block starts with the caches as a mat-vec leaves them (``CACHE_SWEEP_BYTES``). The median of
+    ``repeats`` timed blocks after an untimed one: a first call (numba loading a kernel, numpy
+    allocating) and an interrupted one would otherwise weigh on every block.
     """
     from pagellm.kv_cache import KVCache
     from pagellm.models.config import ModelArgs
@@ -534,8 +548,10 @@ def measure_layer_overhead(mf: ModelFile, repeats: int = 30) -> float:
     q = rng.standard_normal((1, args.n_head, args.head_dim)).astype(np.float32)
     k = rng.standard_normal((1, args.n_head_kv, args.head_dim)).astype(np.float32)
     ff = rng.standard_normal((1, args.n_ff)).astype(np.float32)
+    sweep = np.ones(CACHE_SWEEP_BYTES // 4, np.float32)
     times = []
     for _ in range(repeats + 1):
+        _cold_caches(sweep)
         t0 = time.perf_counter()
         seg = Segment(cache, 32, 0, 1)
         seg.cos, seg.sin = model.rope_tables(32, 1, None)
@@ -549,12 +565,13 @@ def measure_layer_overhead(mf: ModelFile, repeats: int = 30) -> float:
     return float(np.median(times[1:]))
 
 
-def measure_unit_overhead(mf: ModelFile, repeats: int = 300) -> float:
+def measure_unit_overhead(mf: ModelFile, repeats: int = 100) -> float:
     """Seconds the forward pass spends per unit besides its mat-vecs' bytes: acquire, the read-ahead
     request, release and a kernel call, timed on the model's own pager with a tiny weight.
 
     The pager reads only its pinned units (globals and block vectors, a few KiB each) and its
-    read-ahead requests go nowhere, so the bookkeeping is what is timed. The median of five rounds.
+    read-ahead requests go nowhere, so the bookkeeping is what is timed, each unit with the caches
+    as a mat-vec leaves them (``_cold_caches``). The median of ``repeats`` units.
     """
     from pagellm import kernels
     from pagellm.models.config import ModelArgs
@@ -573,14 +590,15 @@ def measure_unit_overhead(mf: ModelFile, repeats: int = 300) -> float:
     with Quiet(mf, None, prefetch_n_ahead=1) as pager:
         model = LlamaModel(ModelArgs.from_model_file(mf), mf, pager)
         units = [b.vectors for b in model.block_units]
-        rounds = []
-        for _ in range(5):
+        sweep = np.ones(CACHE_SWEEP_BYTES // 4, np.float32)
+        times = []
+        for i in range(repeats):
+            _cold_caches(sweep)
             t0 = time.perf_counter()
-            for i in range(repeats):
-                with model.acquired(units[i % len(units)]):
-                    kernels.matmul(w, qtype, 64, x)
-            rounds.append((time.perf_counter() - t0) / repeats)
-    return float(np.median(rounds))
+            with model.acquired(units[i % len(units)]):
+                kernels.matmul(w, qtype, 64, x)
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times))
 
 
 def calibrate(
