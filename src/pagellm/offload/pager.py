@@ -377,9 +377,9 @@ class LayerPager:
         self._tick = 0
         self._budget = budget_bytes
         self._held_bytes = 0
-        # Counts the events that can make room (a unit let go or evicted, a new placement), so the
-        # reader, woken by every acquire and release, retries a read-ahead only when one happened
-        # (each try sorts the victims: on the 7B, 230 tries per token at 0.2 ms each, held the GIL).
+        # Counts the events that can make room for a read-ahead (a streamed unit let go or evicted, a
+        # new placement): the reader is woken, and retries a read-ahead, only when one happened (each
+        # try sorts the victims: on the 7B, 230 tries per token at 0.2 ms each held the GIL).
         self._freed = 0
         # Sweep units in RAM: once all are, a read-ahead request has nothing to find (in RAM, the scan
         # along the sweep for one took 0.13 ms per unit, 18 ms of TinyLlama's 90 ms token).
