@@ -932,9 +932,9 @@ def plan_offload(
     smallest, ``1 + prefetch`` units, up to a block's units more, the one predicted fastest, the
     smaller of two within 0.5%. A larger window reads more per token (its bytes are not kept
     resident) but lets the reader run further ahead while resident units compute. With resident
-    units spread one by one (``_spread``) the stretches it must read ahead through are short, and
-    on the benchmark's models the smallest window wins at every budget; a larger one wins where
-    reads and compute nearly balance and units differ in size.
+    units spread one by one (``_spread``) the stretches it must read ahead through are short: with
+    this VM's calibration the benchmark's rows get two units, but for TinyLlama at 75% (three) under
+    `budget` and `pinned,embeddings=no`; a larger one wins where reads and compute nearly balance.
 
     ``replacement="lru"`` predicts the pager run with plain LRU, for comparison: on a sweep larger
     than the budget it keeps nothing from one token to the next, so every unpinned unit streams.
