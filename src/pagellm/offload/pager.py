@@ -453,8 +453,10 @@ class LayerPager:
                           self.replacement, stream_units=streamed, window_units=self.window_units)
         self._capacity = role_capacities(kept, streamed, placement)
         self._keep = frozenset(placement.resident)
-        # the units a read-ahead may take the buffer of: neither pinned nor kept resident
+        # the units a read-ahead may take the buffer of: neither pinned nor kept resident; of those,
+        # the ones in RAM (a few: the window) are the only ones it looks at
         self._streamed_entries = [e for n, e in self._entries.items() if not e.pinned and n not in self._keep]
+        self._streamed_in_ram = dict.fromkeys(e for e in self._streamed_entries if e.state == RESIDENT)  # ordered
         self._freed += 1  # the rules changed: what could not be made room for may be now
         return placement
 
@@ -669,8 +671,9 @@ class LayerPager:
         Units the placement keeps resident go last (only random access, never the sweep, reaches
         them), and a prefetch never takes them, nor a unit the sweep needs before the one it brings.
         """
-        # a read-ahead takes no kept unit, so it need only look among the streamed ones
-        pool = self._streamed_entries if prefetching is not None else self._entries.values()
+        # A read-ahead takes no kept unit, so it need only look among the streamed ones in RAM (on
+        # the 7B, scanning all 163 streamed units took 57 us of the reader's ~140 between reads).
+        pool = self._streamed_in_ram if prefetching is not None else self._entries.values()
         idle = {e.unit.name: e for e in pool if e.state == RESIDENT and not e.refs and not e.pinned and not e.waiters}
         order = victim_order(list(idle), self._keep, self._distance,
                              {n: e.last_use for n, e in idle.items()}, self.replacement,
@@ -725,6 +728,7 @@ class LayerPager:
     def _evict(self, entry: _Entry) -> None:
         if entry.state == RESIDENT and entry.unit.name in self._order_index:
             self._sweep_in_ram -= 1
+        self._streamed_in_ram.pop(entry, None)
         entry.state = ABSENT
         entry.buffer = None
         entry.views = {}
@@ -795,6 +799,8 @@ class LayerPager:
             entry.buffer, entry.views, entry.state = buffer, views, RESIDENT
             if entry.unit.name in self._order_index:
                 self._sweep_in_ram += 1
+            if not entry.pinned and entry.unit.name not in self._keep:
+                self._streamed_in_ram[entry] = None
             self.stats.bytes_read += entry.unit.nbytes
             self.stats.bytes_by_kind[kind] += entry.unit.nbytes
             self.stats.reads_by_unit[entry.unit.name] += 1

@@ -251,7 +251,8 @@ class FileSource:
     def _read_with_retries(self, offset: int, nbytes: int, start: int, length: int, out: np.ndarray) -> int:
         for attempt in range(1, MAX_READ_ATTEMPTS + 1):
             try:
-                self._check_not_truncated(offset, nbytes)
+                if self.mode == "mmap":  # pread finds a truncation itself (a short read)
+                    self._check_not_truncated(offset, nbytes)
                 return self._read_span(start, length, out)
             except SourceError:
                 raise
@@ -266,7 +267,11 @@ class FileSource:
         raise AssertionError("unreachable")
 
     def _check_not_truncated(self, offset: int, nbytes: int) -> None:
-        """Fail before reading a range the file no longer holds (in mmap mode that read would be a SIGBUS)."""
+        """Fail before reading a range the file no longer holds (in mmap mode that read would be a SIGBUS).
+
+        Only mmap mode asks: the fstat releases the GIL, and the reader then waits to take it back
+        from the forward pass before its next read (pread sees a truncation as a short read).
+        """
         size = os.fstat(self._fd).st_size
         if size < offset + nbytes:
             raise self._error(offset, f"read of {nbytes} bytes failed")
