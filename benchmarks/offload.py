@@ -31,6 +31,7 @@ from make_models import make_one, model_path  # noqa: E402
 
 MiB = 2**20
 POLICY_KINDS = ("budget", "pinned", "pinned-noembd", "lru")
+SETTLE_S = 5.0  # pause before measuring the disk after a run's process exits (see measure_machine)
 
 
 def policy_for(kind: str, budget: int):
@@ -231,11 +232,13 @@ def main() -> None:
 
                 def measure_machine():
                     """Disk and compute, measured again: both drift here over minutes."""
-                    # after a pause for the previous run's exit (freeing its memory) to settle; the
-                    # very ranges the row streams, in sweep order (a virtual disk's host caches what
-                    # the row re-reads each token: other ranges of as many bytes read up to 14%
+                    # after a pause for the previous run's exit to settle (here, measured at once
+                    # after the 7B's LRU row the disk read 1.28 GB/s alone, 5 s later 2.21-2.30; after
+                    # a 1 s pause the LRU rows measured 0.9-1.9 GB/s around runs reading at 2.2-2.4);
+                    # the very ranges the row streams, in sweep order (a virtual disk's host caches
+                    # what the row re-reads each token: other ranges of as many bytes read up to 14%
                     # slower); alone and beside compute, in turns, so the drift moves them all alike
-                    time.sleep(1.0)
+                    time.sleep(SETTLE_S)
                     return measure_disk(path, reads, main_type, sorted({0, max(0, args.threads - 1), args.threads}),
                                         seconds=args.disk_seconds)
 
