@@ -31,7 +31,7 @@ from make_models import make_one, model_path  # noqa: E402
 
 MiB = 2**20
 POLICY_KINDS = ("budget", "pinned", "pinned-noembd", "lru")
-SETTLE_S = 5.0  # pause before measuring the disk after a run's process exits (see measure_machine)
+SETTLE_S = 10.0  # pause before measuring the disk after a run's process exits (see measure_machine)
 
 
 def policy_for(kind: str, budget: int):
@@ -233,8 +233,10 @@ def main() -> None:
                 def measure_machine():
                     """Disk and compute, measured again: both drift here over minutes."""
                     # after a pause for the previous run's exit to settle (here, measured at once
-                    # after the 7B's LRU row the disk read 1.28 GB/s alone, 5 s later 2.21-2.30; after
-                    # a 1 s pause the LRU rows measured 0.9-1.9 GB/s around runs reading at 2.2-2.4);
+                    # after the 7B's LRU row at 50% the disk read 1.28 GB/s alone, 5 s later 2.21-2.30;
+                    # after its 75% row, 1.41 and 1.76 beside compute at once and 3.6 s later, 2.16-2.37
+                    # from 7 s on; after a 1 s pause the LRU rows measured 0.9-1.9 GB/s around runs
+                    # reading at 2.2-2.4);
                     # the very ranges the row streams, in sweep order (a virtual disk's host caches
                     # what the row re-reads each token: other ranges of as many bytes read up to 14%
                     # slower); alone and beside compute, in turns, so the drift moves them all alike
