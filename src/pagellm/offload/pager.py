@@ -455,8 +455,8 @@ class LayerPager:
         self._keep = frozenset(placement.resident)
         # the units a read-ahead may take the buffer of: neither pinned nor kept resident; of those,
         # the ones in RAM (a few: the window) are the only ones it looks at
-        self._streamed_entries = [e for n, e in self._entries.items() if not e.pinned and n not in self._keep]
-        self._streamed_in_ram = dict.fromkeys(e for e in self._streamed_entries if e.state == RESIDENT)  # ordered
+        self._streamed_in_ram = dict.fromkeys(  # ordered
+            e for n, e in self._entries.items() if not e.pinned and n not in self._keep and e.state == RESIDENT)
         self._freed += 1  # the rules changed: what could not be made room for may be now
         return placement
 
