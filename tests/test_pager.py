@@ -356,6 +356,38 @@ def test_reader_reads_ahead_along_the_sweep_once_per_unit():
         assert pager._sweep_in_ram == sum(pager.is_resident(u) for u in pager.sweep_order)
 
 
+def test_letting_a_streamed_unit_go_arms_the_next_read_and_close_gives_it_back():
+    mf = ModelFile.open(SYNTH)
+    source = SlowSource(mf.path, delay=0.3)
+    pager = LayerPager.build(mf, Budget(int(0.4 * mf.weight_bytes)), source=source)
+    order = pager.sweep_order
+    streamed = [u for u in order if u in pager.placement.streamed]
+    first, second = streamed[:2]
+    with pager.hold(first):
+        pager.prefetch([second])  # the reader starts on it (0.3 s) and is busy meanwhile
+        deadline = time.time() + 5
+        while pager._entries[second].state != 1 and time.time() < deadline:
+            time.sleep(0.001)
+        later = next(u for u in order[order.index(first) + 1:] if not pager.is_resident(u) and u != second)
+        assert pager._armed is None
+    # ``first`` let go while the reader reads ``second``: the unit after it in the sweep that is not
+    # in RAM is reserved for the reader at once, within the budget, before anyone asks for it
+    armed = pager._armed
+    assert armed is not None and armed[0].unit.name == later and armed[0].state == 1
+    assert pager.resident_bytes <= pager.budget_bytes
+    before = pager.stats.prefetches_completed
+    deadline = time.time() + 5
+    while pager.stats.prefetches_completed < before + 2 and time.time() < deadline:
+        time.sleep(0.01)
+    assert pager.is_resident(second) and pager.is_resident(later) and pager._armed is None
+    # armed again, then closed: whatever the reader had not read yet is given back, nothing stays reserved
+    with pager.hold(second):
+        pass
+    reads = sum(pager.stats.reads_by_unit.values())
+    pager.close()
+    assert pager.resident_bytes == 0 and sum(pager.stats.reads_by_unit.values()) <= reads + 1
+
+
 def test_blocks_split_in_forward_order_and_streamed_units_share_one_buffer_size():
     mf = ModelFile.open(SYNTH)
     with LayerPager.build(mf, Budget(int(0.4 * mf.weight_bytes))) as pager:
