@@ -650,8 +650,8 @@ class LayerPager:
 
     def _raise_if_stuck(self, entry: _Entry, me: int) -> None:
         """Fail rather than wait forever when only this thread's own holds block the load."""
-        if any(e.state == LOADING for e in self._entries.values()):
-            return
+        if any(e.state == LOADING or e.waiters for e in self._entries.values()):
+            return  # a read in flight, or another thread about to hold what a read just brought in
         others = [e for e in self._entries.values() if e.refs and set(e.holders) - {me}]
         if others:
             return
