@@ -795,11 +795,7 @@ class LayerPager:
             views = self._read_unit(entry.unit, buffer)
         except BaseException:
             with self._cond:
-                entry.state = ABSENT
-                self._held_bytes -= entry.held
-                entry.held = 0
-                self.stats.resident_bytes = self._held_bytes
-                self._cond.notify_all()
+                self._unreserve(entry)
             raise
         with self._cond:
             entry.buffer, entry.views, entry.state = buffer, views, RESIDENT
@@ -987,11 +983,15 @@ class LayerPager:
         """Under the lock: give back an armed read-ahead's reservation unread (closing, or the disk failing)."""
         if self._armed is not None:
             (entry, _), self._armed = self._armed, None
-            entry.state = ABSENT
-            self._held_bytes -= entry.held
-            entry.held = 0
-            self.stats.resident_bytes = self._held_bytes
-            self._cond.notify_all()
+            self._unreserve(entry)
+
+    def _unreserve(self, entry: _Entry) -> None:
+        """Under the lock: a unit reserved for a read that will not land goes back to absent, its bytes freed."""
+        entry.state = ABSENT
+        self._held_bytes -= entry.held
+        entry.held = 0
+        self.stats.resident_bytes = self._held_bytes
+        self._cond.notify_all()
 
     def _next_absent_after_position(self) -> str | None:
         """The first unit not resident after the one the sweep acquired last."""
