@@ -32,15 +32,15 @@ def main() -> None:
     from pagellm.sampling import SamplerConfig
 
     reads: list[tuple[float, float, int]] = []  # (start, end, bytes) of every read
-    read_into = source.FileSource.read_into
+    run = source.FileSource.run  # every read goes through it
 
-    def timed_read_into(self, offset, nbytes, buffer, at=0):
+    def timed_run(self, plan):
         t0 = time.perf_counter()
-        out = read_into(self, offset, nbytes, buffer, at)
-        reads.append((t0, time.perf_counter(), nbytes))
-        return out
+        got = run(self, plan)
+        reads.append((t0, time.perf_counter(), sum(r.nbytes for r in plan)))
+        return got
 
-    source.FileSource.read_into = timed_read_into
+    source.FileSource.run = timed_run
     mf = ModelFile.open(args.model)
     budget = int(args.budget * mf.weight_bytes)
     policy = {"budget": Budget(budget), "pinned": PinnedHotSet(budget),

@@ -146,9 +146,9 @@ class SlowSource(FileSource):
         super().__init__(path)
         self.delay = delay
 
-    def read_into(self, offset, nbytes, buffer, at=0):
+    def run(self, plan):
         time.sleep(self.delay)
-        return super().read_into(offset, nbytes, buffer, at)
+        return super().run(plan)
 
 
 def test_concurrent_acquires_of_a_missing_group_read_it_once():

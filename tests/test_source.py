@@ -24,6 +24,26 @@ def test_reads_return_exactly_the_file_bytes(mode):
         assert src.stats.reads == 201 and src.stats.bytes_read >= 10
 
 
+@pytest.mark.parametrize("mode", ["direct", "buffered", "mmap"])
+def test_a_plan_cuts_reads_to_the_largest_syscall_and_brings_every_range(mode, monkeypatch):
+    import pagellm.offload.source as source
+
+    monkeypatch.setattr(source, "MAX_READ_CHUNK", 3 * 4096)
+    data = PATH.read_bytes()
+    ranges = [(5000, 40_000, 0), (len(data) - 9000, 9000, 49_152)]  # the second runs to the end of the file
+    with FileSource(PATH, mode) as src:
+        buf = allocate_buffer(65_536)
+        plan = src.plan(ranges, buf)
+        assert all(r.length <= 3 * 4096 for r in plan)
+        assert sum(r.nbytes for r in plan) == 49_000  # the bytes asked for, each counted once
+        assert src.run(plan) >= 49_000 and src.stats.reads == len(plan) > len(ranges)
+        for offset, nbytes, at in ranges:
+            inner = at + offset - src.span(offset, nbytes)[0]
+            assert bytes(buf[inner : inner + nbytes]) == data[offset : offset + nbytes]
+        with pytest.raises(ValueError, match="cannot take"):
+            src.plan([(0, 70_000, 0)], buf)
+
+
 def test_auto_prefers_direct_and_reports_alignment():
     with FileSource(PATH) as src:
         assert src.mode == "direct" and src.alignment == 4096 and src.fallback_reason is None

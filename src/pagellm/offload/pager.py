@@ -31,10 +31,11 @@ from pagellm.modelfile import GLOBALS, OUTPUT_HEAD, TOKEN_EMBEDDING, ModelFile
 from pagellm.offload.cpus import pin_thread
 from pagellm.offload.planner import Placement, place, reuse_choice, role_capacities, victim_order
 from pagellm.offload.policy import AnyPolicy, PinnedHotSet, format_size
-from pagellm.offload.source import (FileSource, allocate_buffer, buffer_capacity, buffer_mapping, page_capacity,
-                                    remap_buffer)
+from pagellm.offload.source import (FileSource, ReadPlan, allocate_buffer, buffer_capacity, buffer_mapping,
+                                    page_capacity, remap_buffer)
 
 ABSENT, LOADING, RESIDENT = 0, 1, 2
+_Load = tuple[ReadPlan, dict[str, np.ndarray]]  # a unit's reads into its buffer and its tensors' views there
 REPLACEMENTS = ("auto", "lru")
 
 
@@ -394,7 +395,7 @@ class LayerPager:
         # A read-ahead reserved by the thread that let a streamed unit go, for the reader to start the
         # moment its current read lands: the search and the evictions it takes then run on the forward
         # pass's side, not between the reader's reads, where each of its ~100 us left the disk idle.
-        self._armed: tuple[_Entry, np.ndarray] | None = None
+        self._armed: tuple[_Entry, np.ndarray, _Load] | None = None
         self._reader_cpus: frozenset[int] | None = None
         self._check_budget_fits()
         self.placement = self._place()
@@ -783,16 +784,20 @@ class LayerPager:
 
     # -- reading -------------------------------------------------------------------------
 
-    def _read_unit(self, unit: Unit, buffer: np.ndarray) -> dict[str, np.ndarray]:
-        for extent in unit.extents:
-            self.source.read_into(extent.file_offset, extent.nbytes, buffer, at=extent.buffer_at)
-        return {s.tensor: buffer[s.buffer_offset : s.buffer_offset + s.nbytes] for s in unit.slices}
+    def _prepare(self, unit: Unit, buffer: np.ndarray) -> _Load:
+        """The reads that bring ``unit`` into ``buffer`` and its tensors' views there, made before the read."""
+        plan = self.source.plan([(e.file_offset, e.nbytes, e.buffer_at) for e in unit.extents], buffer)
+        return plan, {s.tensor: buffer[s.buffer_offset : s.buffer_offset + s.nbytes] for s in unit.slices}
 
     def _finish_load(self, entry: _Entry, buffer: np.ndarray, kind: str, holder: int | None = None,
-                     then: Callable[[], None] | None = None) -> dict[str, np.ndarray]:
-        """Read a reserved unit (state LOADING) outside the lock and publish it (then run ``then`` under the lock)."""
+                     then: Callable[[], None] | None = None, load: _Load | None = None) -> dict[str, np.ndarray]:
+        """Read a reserved unit (state LOADING) outside the lock and publish it (then run ``then`` under the lock);
+        ``load``: its reads and views, if prepared already."""
         try:
-            views = self._read_unit(entry.unit, buffer)
+            plan, views = load if load is not None else self._prepare(entry.unit, buffer)
+            del load
+            self.source.run(plan)
+            del plan  # its views of the buffer would keep a donor's pages from moving (remap_buffer)
         except BaseException:
             with self._cond:
                 self._unreserve(entry)
@@ -890,7 +895,7 @@ class LayerPager:
             pin_thread(0, cpus)
         ahead: str | None = None
         blocked: tuple[str, int] | None = None  # the read-ahead that last found no room, and self._freed then
-        job: tuple[_Entry, np.ndarray] | None = None  # armed while the last read landed: read it at once
+        job: tuple[_Entry, np.ndarray, _Load] | None = None  # armed while the last read landed: read it at once
 
         def landed(done: _Entry) -> None:
             """Under the lock that publishes ``done``: the armed read-ahead if there is one, else the next
@@ -904,10 +909,10 @@ class LayerPager:
         while True:
             if job is None:
                 with self._cond:
-                    entry = None
+                    entry = load = None
                     while entry is None and not self._closed:
                         if self._armed is not None:  # reserved and marked loading by whoever armed it
-                            (entry, buffer), self._armed = self._armed, None
+                            (entry, buffer, load), self._armed = self._armed, None
                         elif self._queue:
                             name = self._queue.popleft()
                             self._queued.discard(name)
@@ -944,10 +949,11 @@ class LayerPager:
                         self._disarm()
                         return
             else:
-                (entry, buffer), job = job, None  # no lock and no search between the two reads
+                (entry, buffer, load), job = job, None  # no lock and no search between the two reads
             try:
-                self._finish_load(entry, buffer, kind="prefetch", then=lambda: landed(entry))
+                self._finish_load(entry, buffer, kind="prefetch", then=lambda: landed(entry), load=load)
             except Exception:
+                buffer = load = None
                 # The acquire that needs it reads again and reports the error. No read-ahead after a
                 # failed read: on a failing disk it would walk the sweep retrying every unit, and the
                 # reader would never be idle (a step that failed could not settle).
@@ -955,6 +961,7 @@ class LayerPager:
                 with self._cond:
                     self._disarm()
                 continue
+            buffer = load = None  # the plan's views must not outlive the read: they pin a donor's pages (_reserve)
 
     def _start_loading(self, entry: _Entry) -> None:
         """Mark a unit whose buffer is reserved as being read by the reader."""
@@ -975,14 +982,20 @@ class LayerPager:
         else:
             return
         buffer = self._reserve(entry, for_prefetch=True)
-        if buffer is not None:
-            self._start_loading(entry)
-            self._armed = (entry, buffer)
+        if buffer is None:
+            return
+        try:  # laid out here, where the forward pass lets a unit go, not between the reader's reads
+            load = self._prepare(entry.unit, buffer)
+        except Exception:  # the acquire that needs the unit reads it and reports why
+            self._unreserve(entry)
+            return
+        self._start_loading(entry)
+        self._armed = (entry, buffer, load)
 
     def _disarm(self) -> None:
         """Under the lock: give back an armed read-ahead's reservation unread (closing, or the disk failing)."""
         if self._armed is not None:
-            (entry, _), self._armed = self._armed, None
+            (entry, _, _), self._armed = self._armed, None
             self._unreserve(entry)
 
     def _unreserve(self, entry: _Entry) -> None:
