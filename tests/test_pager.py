@@ -10,7 +10,7 @@ from shared_paths import fixture_path
 from pagellm.modelfile import ModelFile
 from pagellm.offload import Budget, NoOffload, PinnedHotSet
 from pagellm.offload.pager import BLOCK_PARTS, LayerPager, PagerError, ResidentStore
-from pagellm.offload.source import FileSource
+from pagellm.offload.source import FileSource, SourceError
 
 STORIES = fixture_path("stories260K-real-F32")
 SYNTH = fixture_path("synth-llama-Q8_0")
@@ -386,6 +386,42 @@ def test_letting_a_streamed_unit_go_arms_the_next_read_and_close_gives_it_back()
     reads = sum(pager.stats.reads_by_unit.values())
     pager.close()
     assert pager.resident_bytes == 0 and sum(pager.stats.reads_by_unit.values()) <= reads + 1
+
+
+class UnplannableSource(SlowSource):
+    """A slow source that refuses to lay out reads of one file range (as if the range were bad)."""
+
+    bad_offset = -1
+
+    def plan(self, ranges, buffer):
+        ranges = list(ranges)
+        if any(offset == self.bad_offset for offset, _, _ in ranges):
+            raise SourceError(f"{self.path}: no reads at {self.bad_offset}", path=self.path, offset=self.bad_offset)
+        return super().plan(ranges, buffer)
+
+
+def test_a_read_ahead_that_cannot_be_laid_out_is_given_back_and_its_acquire_reports_why():
+    mf = ModelFile.open(SYNTH)
+    source = UnplannableSource(mf.path, delay=0.6)
+    pager = LayerPager.build(mf, Budget(int(0.4 * mf.weight_bytes)), source=source)
+    order = pager.sweep_order
+    first, second = [u for u in order if u in pager.placement.streamed][:2]
+    later = next(u for u in order[order.index(first) + 1:] if not pager.is_resident(u) and u != second)
+    source.bad_offset = pager.unit(later).extents[0].file_offset
+    with pager.hold(first):
+        pager.prefetch([second])
+        deadline = time.time() + 5
+        while pager._entries[second].state != 1 and time.time() < deadline:
+            time.sleep(0.001)
+        held = pager.resident_bytes
+    # letting ``first`` go would arm ``later``; its reads cannot be laid out, so nothing is armed and
+    # its reservation is back (only ``first``'s buffer may go, as a victim, never more is held)
+    assert pager._armed is None and pager._entries[later].state == 0 and pager.resident_bytes <= held
+    with pytest.raises(SourceError, match="no reads at"):
+        pager.acquire(later)
+    assert pager._entries[later].state == 0 and pager.resident_bytes <= pager.budget_bytes
+    pager.close()
+    assert pager.resident_bytes == 0
 
 
 def test_blocks_split_in_forward_order_and_streamed_units_share_one_buffer_size():
