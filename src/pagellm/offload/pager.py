@@ -795,9 +795,7 @@ class LayerPager:
         ``load``: its reads and views, if prepared already."""
         try:
             plan, views = load if load is not None else self._prepare(entry.unit, buffer)
-            del load
             self.source.run(plan)
-            del plan  # its views of the buffer would keep a donor's pages from moving (remap_buffer)
         except BaseException:
             with self._cond:
                 self._unreserve(entry)
