@@ -379,6 +379,29 @@ def test_calibration_measures_reads_and_compute_beside_each_other():
     assert 0 < profile.compute_kept() <= 1
 
 
+
+def test_the_disk_is_measured_reading_into_two_buffers_in_turn(monkeypatch):
+    """An overlapped reader fills one buffer while the other is computed on; a single buffer read
+    into over and over measured faster than any such reader gets (the host's cache), so the floor's
+    disk figure comes from two, never the same one twice running, an odd cycle of ranges included."""
+    from pagellm.offload import source as source_module
+    from pagellm.offload.planner import measure_disk, sweep_reads
+
+    mf = ModelFile.open(SYNTH)
+    reads = sweep_reads(mf)[:3]
+    assert len(reads) == 3
+    targets: list[int] = []
+    run = source_module.FileSource.run
+
+    def spy(self, plan):
+        targets.append(id(plan[0].into.obj))  # the buffer the read lands in
+        return run(self, plan)
+
+    monkeypatch.setattr(source_module.FileSource, "run", spy)
+    measure_disk(mf.path, reads, seconds=0.2)
+    assert len(targets) > 6 and len(set(targets)) == 2
+    assert all(a != b for a, b in zip(targets, targets[1:]))
+
 WINDOW_PROFILE = dict(disk_bytes_per_s=1e9, compute_bytes_per_s={"Q8_0": 4e9, "F32": 4e9}, layer_overhead_s=0.0,
                       unit_overhead_s=0.0,
                       fresh_page_bytes_per_s=1e15)

@@ -318,8 +318,8 @@ def measure_disk(path: str | os.PathLike[str], reads: Sequence[tuple[int, int]],
     """Read rate of the pager's reads of ``path``, alone (0) and beside compute on each ``threads``,
     and what the reads cost that compute.
 
-    Reads are the pager's: O_DIRECT into a huge-page buffer, the file ranges ``reads`` (offset,
-    bytes) in turn, cycling: the units a decode streams, in sweep order (``sweep_reads``), since
+    Reads are the pager's: O_DIRECT into two huge-page buffers in turn, the file ranges ``reads``
+    (offset, bytes) in turn, cycling: the units a decode streams, in sweep order (``sweep_reads``), since
     small reads run slower (here 9 MiB at 1.6 GB/s against 76 MiB at 2.1). A first untimed pass
     reads them all once: decoding re-reads the same units every token, and a virtual disk backed
     by the host's cache serves repeats faster than first reads. Beside compute, mat-vecs of
@@ -402,15 +402,22 @@ def measure_disk(path: str | os.PathLike[str], reads: Sequence[tuple[int, int]],
                 src.evict_page_cache()
             # sized as the pager sizes a streamed unit's buffer: one ending inside a huge page has
             # its tail on small pages, which read slower (12 MB units here: 2.0 GB/s against 2.3)
-            buffer = allocate_buffer(buffer_capacity(max(n for _, n in reads) + 2 * src.alignment))
+            capacity = buffer_capacity(max(n for _, n in reads) + 2 * src.alignment)
+            # Two buffers, read into in turn: reads that overlap compute need one to fill while the
+            # other is computed on, and the pager's window alternates between two such. One buffer
+            # read into over and over measured faster than any overlapped reader gets: the same
+            # ranges of 12 MB units, nothing else running, 3.74-3.93 GB/s into one, 3.67-3.74 into
+            # two in turn, 3.46-3.62 into four (6 MiB units: 3.97-4.07 against 3.89-3.95), likely a
+            # virtual disk's host copying into memory still in its cache.
+            buffers = [allocate_buffer(capacity) for _ in range(2)]
             # laid out ahead, as the pager lays out its read-ahead: between two reads only the loop runs
-            plans = [(src.plan(((offset, n, 0),), buffer), n) for offset, n in reads]
+            plans = [[(src.plan(((offset, n, 0),), b), n) for offset, n in reads] for b in buffers]
             cursor = [0]  # the next of ``reads``: they go on across slices, cycling
 
             def read_for(duration: float, most: float = float("inf")) -> int:
                 done, t0 = 0, time.perf_counter()
                 while time.perf_counter() - t0 < duration and done < most:
-                    plan, n = plans[cursor[0] % len(plans)]
+                    plan, n = plans[cursor[0] % 2][cursor[0] % len(reads)]
                     src.run(plan)
                     cursor[0] += 1
                     done += n
