@@ -139,11 +139,16 @@ BLOCK_PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
 # through the block, and a streamed unit that small would take a whole streamed buffer.
 VECTORS = "vectors"
 # Units are cut to about half the largest matrix, and no smaller than this. Each unit costs the
-# forward pass ~0.1 ms here (acquire, read-ahead request, release, a kernel call), and a window of
-# small units lets the reader get less far ahead through resident stretches: TinyLlama Q8_0 at a
-# 75% budget decoded 5.5-5.8 tokens/s with 6 MB units against 5.7-7.1 with 12 MB ones (at 50%, 3.9-4.2
-# against 3.7: there the smaller window's saved reads won).
-MIN_UNIT_BYTES = 12 << 20
+# forward pass 10-12 us (acquire, read-ahead request, release, a kernel call), and a read that
+# small still runs at the disk's rate. A smaller unit is a smaller window (two units: the one
+# computing and the one being read), and the planner may still choose a window of more of them
+# where the reader must run ahead through resident stretches. TinyLlama Q8_0 (largest matrix
+# 12 MB), two alternating runs of eight tokens at each setting, 6 MiB units against 12: ms per
+# token at 25% 210-226 against 225-228, at 50% 141-144 against 145-147, `pinned` at 50% 171-175
+# against 174-179; at 75% `budget` 64-65 against 73-75 (its window 12 MiB against 36), `pinned`
+# 83-88 against 85-93; 10-18 MB less read per token. (On an older host with no planner's choice
+# of window, 12 MiB had won at 75%.)
+MIN_UNIT_BYTES = 6 << 20
 
 
 def block_part(mf: ModelFile, tensor: str) -> str:
