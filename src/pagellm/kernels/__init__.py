@@ -25,6 +25,33 @@ from gguf import GGMLQuantizationType
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER_PRIORITY = ["tbb", "omp", "workqueue"]
 
+
+def _load_tbb() -> bool:
+    """Load the ``tbb`` wheel's libtbb.so.12 so numba's TBB layer can link to it; whether it loaded.
+
+    pip puts the library in the environment's ``lib/``, which is not on the loader's path (conda's
+    is): numba's TBB layer then fails to import and numba quietly falls back to OpenMP, whose idle
+    worker also spins at 100% of a core while the forward pass waits for a read.
+    """
+    import ctypes
+    from importlib import metadata
+
+    try:
+        files = metadata.files("tbb") or []
+    except metadata.PackageNotFoundError:
+        return False
+    for f in files:
+        if f.name == "libtbb.so.12":
+            try:
+                ctypes.CDLL(str(f.locate()), mode=ctypes.RTLD_GLOBAL)
+                return True
+            except OSError:
+                return False
+    return False
+
+
+_load_tbb()
+
 # BLAS runs single-threaded: its callers parallelise over tiles (see _tiled_blas_matmul), and
 # OpenBLAS's own threads stall at barriers whenever another process holds a core. The limit is
 # kept for the life of the process.
